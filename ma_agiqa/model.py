@@ -1,0 +1,203 @@
+"""MA-AGIQA: the frozen semantic branch, the MANIQA quality branch and the MoE head, with checkpoints.
+
+A checkpoint directory holds ``config.json`` (the :class:`ModelConfig`), ``model.safetensors`` (the trained
+weights: quality branch and MoE; a frozen pretrained backbone is left out and comes from its source) and,
+for models that live in local folders (the tiny ones, fine-tuned ones), ``semantic/`` and ``prompt/``
+saved with ``save_pretrained``. Loading always goes through ``from_pretrained`` of transformers and timm.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import hub
+from .config import ModelConfig
+from .images import quality_views
+from .maniqa import MANIQA
+from .moe import MoEHead
+from .prompt_encoder import PromptEncoder
+from .registry import get_config
+from .semantic import SemanticExtractor
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INIT_SEED = 0  # random initialisation is seeded, so every actor that builds a model builds the same one
+
+
+class MAAGIQA(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        semantic: SemanticExtractor | None = None,
+        prompt_encoder: PromptEncoder | None = None,
+        load_pretrained_backbone: bool = True,
+        base_dir: str | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.base_dir = base_dir  # where relative model ids of the config point (a checkpoint directory)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(INIT_SEED)
+            self.quality = MANIQA(cfg.quality, load_pretrained=load_pretrained_backbone)
+            self.moe = MoEHead(cfg.moe)
+        self.semantic = semantic
+        self.prompt_encoder = prompt_encoder
+        self.checkpoint_hash = weights_hash(self.trainable_state_dict())
+
+    def train(self, mode: bool = True) -> "MAAGIQA":
+        """Frozen parts stay in eval mode: no dropout in the MLLM, no BatchNorm statistics drifting in a
+        frozen backbone."""
+        super().train(mode)
+        for frozen in (self.semantic, self.prompt_encoder):
+            if frozen is not None:
+                frozen.eval()
+        if self.cfg.quality.freeze_backbone:
+            self.quality.backbone.eval()
+        return self
+
+    # -- pure tensor path ------------------------------------------------------------------------------
+    def forward(
+        self,
+        views: torch.Tensor,
+        semantic: dict[str, torch.Tensor] | None = None,
+        prompt_embedding: torch.Tensor | None = None,
+        prompt_present: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """views [B, V, 3, s, s], semantic {prompt name: [B, hidden]}, prompt_embedding [B, dim]
+        -> (MOS [B] float32, gates [B, E] in ``cfg.expert_names`` order)."""
+        features = dict(semantic or {})
+        features["quality"] = self.quality(views)
+        present = None
+        if any(e.source == "prompt" for e in self.cfg.moe.experts):
+            b = views.shape[0]
+            if prompt_embedding is None:
+                prompt_embedding = features["quality"].new_zeros(b, self.cfg.prompt.dim)
+                prompt_present = torch.zeros(b, dtype=torch.bool, device=views.device)
+            features["prompt"] = prompt_embedding
+            present = {"prompt": prompt_present}
+        score, gates = self.moe(features, present)
+        return score * self.cfg.mos_std + self.cfg.mos_mean, gates
+
+    # -- convenience over images --------------------------------------------------------------------------
+    def preprocess(self, img: Image.Image, train: bool = False, generator=None) -> torch.Tensor:
+        return quality_views(img, self.cfg.quality.views, train=train, generator=generator)
+
+    @torch.inference_mode()
+    def score_images(self, images: list[Image.Image], prompts: list[str | None] | None = None) -> dict:
+        """Score decoded RGB images end to end: {"score": [B], "gates": [B, E], "semantic": {...}}."""
+        device = next(self.quality.parameters()).device
+        views = torch.stack([self.preprocess(im) for im in images]).to(device)
+        semantic = self.semantic(images) if self.semantic is not None else {}
+        emb = present = None
+        if self.prompt_encoder is not None:
+            emb, present = self.prompt_encoder(prompts or [None] * len(images))
+        score, gates = self(views, semantic, emb, present)
+        return {"score": score, "gates": gates, "semantic": semantic}
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: the quality branch and MoE, without a frozen pretrained backbone."""
+        sd = {f"quality.{k}": v for k, v in self.quality.state_dict().items()}
+        sd.update({f"moe.{k}": v for k, v in self.moe.state_dict().items()})
+        if self._backbone_from_source():
+            sd = {k: v for k, v in sd.items() if not k.startswith("quality.backbone.")}
+        return sd
+
+    def _backbone_from_source(self) -> bool:
+        q = self.cfg.quality
+        return q.freeze_backbone and q.pretrained is not None
+
+    @property
+    def model_id(self) -> str:
+        """Names a score's origin: config name + hash of the weights."""
+        return f"{self.cfg.name}@{self.checkpoint_hash}"
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        cfg = ModelConfig.from_dict(self.cfg.to_dict())
+        for sub, part_cfg in (("semantic", cfg.semantic), ("prompt", cfg.prompt)):
+            if part_cfg is not None and hub.is_local(part_cfg.model_id, self.base_dir):
+                source = hub.resolve(part_cfg.model_id, self.base_dir)
+                if Path(source).resolve() != (directory / sub).resolve():
+                    shutil.rmtree(directory / sub, ignore_errors=True)
+                    shutil.copytree(source, directory / sub)
+                part_cfg.model_id = sub
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.trainable_state_dict().items()}
+        save_file(sd, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "ma_agiqa_config": cfg.name})
+        (directory / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        return directory
+
+
+def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def _build(cfg: ModelConfig, base_dir: str | None, device, with_semantic: bool, with_prompt: bool, load_backbone: bool):
+    semantic = (
+        SemanticExtractor.from_config(cfg.semantic, base_dir, device) if cfg.semantic is not None and with_semantic else None
+    )
+    prompt = PromptEncoder(cfg.prompt, base_dir).to(device) if cfg.prompt is not None and with_prompt else None
+    return MAAGIQA(cfg, semantic, prompt, load_pretrained_backbone=load_backbone, base_dir=base_dir)
+
+
+def create_model(
+    name_or_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    with_semantic: bool = True,
+    with_prompt: bool = True,
+    **overrides,
+) -> MAAGIQA:
+    """A registered config by name (fresh or with its shipped checkpoint) or a checkpoint directory.
+
+    ``with_semantic=False`` skips loading the MLLM (for training against cached features, or a quality-only
+    stage); ``overrides`` replace top-level config fields (e.g. ``semantic=...``)."""
+    path = Path(name_or_dir)
+    if (path / CONFIG_FILE).is_file():
+        return from_pretrained(path, device, with_semantic, with_prompt)
+    name = str(name_or_dir)
+    shipped = shipped_checkpoint(name)
+    if shipped is not None and not overrides:
+        return from_pretrained(shipped, device, with_semantic, with_prompt)
+    cfg = get_config(name)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return _build(cfg, None, device, with_semantic, with_prompt, load_backbone=True).to(device).eval()
+
+
+def from_pretrained(
+    directory: str | os.PathLike, device: str | torch.device = "cpu", with_semantic: bool = True, with_prompt: bool = True
+) -> MAAGIQA:
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{directory} is not a checkpoint directory (no {CONFIG_FILE})")
+    cfg = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    sd = load_file(str(directory / WEIGHTS_FILE))
+    backbone_in_file = any(k.startswith("quality.backbone.") for k in sd)
+    model = _build(cfg, str(directory), device, with_semantic, with_prompt, load_backbone=not backbone_in_file)
+    expected = model.trainable_state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected) - {k for k in sd if k.startswith("quality.backbone.")})
+    if missing or unexpected:
+        raise ValueError(f"{directory}: checkpoint does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(sd, strict=False)
+    model.checkpoint_hash = weights_hash(model.trainable_state_dict())
+    return model.to(device).eval()
+
+
+def shipped_checkpoint(name: str) -> Path | None:
+    """Trained heads shipped inside the package (``ma_agiqa/checkpoints/<name>``), if any."""
+    path = Path(__file__).parent / "checkpoints" / name
+    return path if (path / CONFIG_FILE).is_file() else None

@@ -1,0 +1,134 @@
+"""The one registry of named model configs, in the style of timm's ``@register_model``.
+
+A registered function returns a :class:`ModelConfig`; ``create_model(name)`` builds it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .config import (
+    MoEConfig,
+    ModelConfig,
+    PromptConfig,
+    QualityConfig,
+    SemanticConfig,
+    TrainConfig,
+    experts_for,
+)
+from .images import QualityViews
+
+_REGISTRY: dict[str, Callable[[], ModelConfig]] = {}
+
+
+def register_model(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
+    _REGISTRY[fn.__name__.replace("_", "-")] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_config(name: str) -> ModelConfig:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    return _REGISTRY[name]()
+
+
+def _config(name, quality, semantic=None, prompt=None, moe_width=784, gate="softmax", train=None) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        quality=quality,
+        semantic=semantic,
+        prompt=prompt,
+        moe=MoEConfig(experts=experts_for(semantic, quality, prompt), width=moe_width, gate=gate),
+        train=train or TrainConfig(),
+    )
+
+
+# The reference's MANIQA on timm ViT-B/8 at 224 px (augreg ImageNet-21k weights, normalised with 0.5/0.5).
+def _maniqa_vit_b8() -> QualityConfig:
+    return QualityConfig(backbone="vit_base_patch8_224.augreg2_in21k_ft_in1k", layers=(6, 7, 8, 9), pretrained="timm")
+
+
+@register_model
+def ma_agiqa_paper() -> ModelConfig:
+    """The reference set-up with LLaVA-1.5-7B in place of mPLUG-Owl2 (not in transformers): the same
+    LLaMA-2-7B-class language model (Vicuna-7B v1.5, 4096 wide) behind a CLIP ViT-L/14 vision tower,
+    native in transformers, so the semantic vectors are the closest transformers can give to the paper's."""
+    return _config(
+        "ma-agiqa-paper",
+        _maniqa_vit_b8(),
+        semantic=SemanticConfig(model_id="llava-hf/llava-1.5-7b-hf", hidden_size=4096),
+        train=TrainConfig(),  # the reference's: Adam 1e-5, wd 1e-5, cosine T_max 50 per iteration, batch 8, 30 epochs
+    )
+
+
+@register_model
+def ma_agiqa_small() -> ModelConfig:
+    """A 0.9B LLaVA (Qwen1.5-0.5B + SigLIP): the same model class and code path as the paper config, at a
+    fraction of the GPU memory and time."""
+    return _config(
+        "ma-agiqa-small",
+        _maniqa_vit_b8(),
+        semantic=SemanticConfig(model_id="llava-hf/llava-interleave-qwen-0.5b-hf", hidden_size=896),
+    )
+
+
+def _efficientnet_lite2(freeze: bool) -> QualityConfig:
+    # Feature levels 1-4 (strides 4, 8, 16, 32: 24+48+120+352 channels) brought to a 14x14 grid.
+    return QualityConfig(
+        backbone="tf_efficientnet_lite2", layers=(1, 2, 3, 4), pretrained="efficientnet-lite-package",
+        freeze_backbone=freeze, grid=14, embed_dim=256, num_heads=(4, 4), window_size=7, dim_mlp=256,
+        views=QualityViews(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    )
+
+
+@register_model
+def ma_agiqa_offline() -> ModelConfig:
+    """What can be trained with real weights on a machine with no hub access: no MLLM (none can be had),
+    the quality branch on the packaged ImageNet EfficientNet-Lite2 (frozen, so its features can be cached),
+    and the prompt expert on the packaged all-MiniLM-L6-v2."""
+    return _config(
+        "ma-agiqa-offline", _efficientnet_lite2(freeze=True), prompt=PromptConfig(), moe_width=256,
+        train=TrainConfig(lr=1e-4, epochs=30, batch_size=32, scheduler="cosine-epoch", normalize_mos=True, seed=20),
+    )
+
+
+@register_model
+def ma_agiqa_offline_quality() -> ModelConfig:
+    """``ma-agiqa-offline`` without the prompt expert: the quality branch alone."""
+    cfg = ma_agiqa_offline()
+    return _config("ma-agiqa-offline-quality", cfg.quality, moe_width=cfg.moe.width, train=cfg.train)
+
+
+def _tiny_quality() -> QualityConfig:
+    # A real timm ViT class with patch 8 at 224 px (so the 28x28 grid and blocks 6-9 of the reference),
+    # 32 wide instead of 768.
+    return QualityConfig(
+        backbone="vit_base_patch8_224", layers=(6, 7, 8, 9), pretrained=None,
+        backbone_kwargs={"embed_dim": 32, "depth": 10, "num_heads": 2},
+        embed_dim=32, num_heads=(2, 2), dim_mlp=32,
+    )
+
+
+@register_model
+def tiny_random() -> ModelConfig:
+    """Real classes (LLaVA with a CLIP tower and a Llama body; timm ViT-B/8's class) with few layers and
+    random weights, built locally: runs anywhere with no download. For tests and smoke runs."""
+    return _config(
+        "tiny-random", _tiny_quality(),
+        semantic=SemanticConfig(model_id="builtin:tiny-random-vlm", hidden_size=64),
+        moe_width=32,
+    )
+
+
+@register_model
+def tiny_random_prompt() -> ModelConfig:
+    """``tiny-random`` plus the prompt expert on a tiny random BERT."""
+    return _config(
+        "tiny-random-prompt", _tiny_quality(),
+        semantic=SemanticConfig(model_id="builtin:tiny-random-vlm", hidden_size=64),
+        prompt=PromptConfig(model_id="builtin:tiny-random-sentence", dim=32),
+        moe_width=32,
+    )
