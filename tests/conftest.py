@@ -1,0 +1,48 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+AGIQA3K = Path(os.environ.get("MA_AGIQA_AGIQA3K", REPO.parent / "shared" / "datasets" / "agiqa3k"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Tiny models are built once per test session into a private cache (Ray workers inherit the variable)."""
+    os.environ.setdefault("MA_AGIQA_CACHE", str(tmp_path_factory.mktemp("ma_agiqa_cache")))
+
+
+@pytest.fixture(scope="session")
+def agiqa_dir() -> Path:
+    if not (AGIQA3K / "labels.csv").is_file():
+        pytest.skip(f"AGIQA-3K not found at {AGIQA3K} (set MA_AGIQA_AGIQA3K)")
+    return AGIQA3K
+
+
+@pytest.fixture(scope="session")
+def agiqa_images(agiqa_dir):
+    """Eight real AGIQA-3K images from four generators, decoded by the project's own decoder."""
+    from ma_agiqa.images import decode_image
+
+    names = [
+        "AttnGAN_normal_001.jpg", "AttnGAN_normal_002.jpg", "DALLE2_normal_001.jpg", "DALLE2_normal_002.jpg",
+        "midjourney_normal_001.jpg", "midjourney_normal_002.jpg", "sd1.5_normal_001.jpg", "sd1.5_normal_002.jpg",
+    ]
+    names = [n for n in names if (agiqa_dir / "images" / n).exists()]
+    assert len(names) >= 4
+    return [decode_image((agiqa_dir / "images" / n).read_bytes()) for n in names]
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from ma_agiqa import create_model
+
+    return create_model("tiny-random")
+
+
+@pytest.fixture(scope="session")
+def tiny_prompt_model():
+    from ma_agiqa import create_model
+
+    return create_model("tiny-random-prompt")
