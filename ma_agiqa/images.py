@@ -110,33 +110,42 @@ class QualityViews:
             raise ValueError("num_crops must be >= 1")
 
 
-def image_to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 tensor [3, H, W] in [0, 1]."""
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+def image_to_uint8(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor [3, H, W]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def quality_pixels(
+    img: Image.Image, views: QualityViews, train: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The views of one image for the quality branch, still 8-bit: [V, 3, size, size] uint8. Pipelines move
+    these (4x smaller than floats) and normalise where the model runs."""
+    s = views.size
+    if views.mode == "resize":
+        return image_to_uint8(img.resize((s, s), Image.BICUBIC)).unsqueeze(0)
+    x = image_to_uint8(_at_least(img, s))
+    _, h, w = x.shape
+    if train:
+        top = int(torch.randint(0, h - s + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - s + 1, (1,), generator=generator))
+        positions = [(top, left)]
+    else:
+        positions = _grid_positions(h, w, s, views.num_crops)
+    return torch.stack([x[:, t : t + s, l : l + s] for t, l in positions])
+
+
+def normalize(pixels: torch.Tensor, views: QualityViews) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 normalised with the backbone's mean and std."""
+    mean = torch.tensor(views.mean, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(views.std, device=pixels.device).view(3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
 
 
 def quality_views(
     img: Image.Image, views: QualityViews, train: bool = False, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """The normalised views of one image for the quality branch: [V, 3, size, size]."""
-    s = views.size
-    if views.mode == "resize":
-        out = image_to_tensor(img.resize((s, s), Image.BICUBIC)).unsqueeze(0)
-    else:
-        img = _at_least(img, s)
-        x = image_to_tensor(img)
-        _, h, w = x.shape
-        if train:
-            top = int(torch.randint(0, h - s + 1, (1,), generator=generator))
-            left = int(torch.randint(0, w - s + 1, (1,), generator=generator))
-            positions = [(top, left)]
-        else:
-            positions = _grid_positions(h, w, s, views.num_crops)
-        out = torch.stack([x[:, t : t + s, l : l + s] for t, l in positions])
-    mean = torch.tensor(views.mean).view(1, 3, 1, 1)
-    std = torch.tensor(views.std).view(1, 3, 1, 1)
-    return (out - mean) / std
+    """The normalised views of one image for the quality branch: [V, 3, size, size] float32."""
+    return normalize(quality_pixels(img, views, train, generator), views)
 
 
 def _at_least(img: Image.Image, size: int) -> Image.Image:
@@ -186,7 +195,9 @@ __all__ = [
     "QualityViews",
     "augment",
     "decode_image",
-    "image_to_tensor",
+    "image_to_uint8",
+    "normalize",
+    "quality_pixels",
     "quality_views",
     "resize_for_semantic",
     "to_rgb",

@@ -164,14 +164,10 @@ def create_model(
 
     ``with_semantic=False`` skips loading the MLLM (for training against cached features, or a quality-only
     stage); ``overrides`` replace top-level config fields (e.g. ``semantic=...``)."""
-    path = Path(name_or_dir)
-    if (path / CONFIG_FILE).is_file():
-        return from_pretrained(path, device, with_semantic, with_prompt)
-    name = str(name_or_dir)
-    shipped = shipped_checkpoint(name)
-    if shipped is not None and not overrides:
-        return from_pretrained(shipped, device, with_semantic, with_prompt)
-    cfg = get_config(name)
+    directory = checkpoint_dir(name_or_dir)
+    if directory is not None and not overrides:
+        return from_pretrained(directory, device, with_semantic, with_prompt)
+    cfg = get_config(str(name_or_dir))
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return _build(cfg, None, device, with_semantic, with_prompt, load_backbone=True).to(device).eval()
@@ -201,3 +197,28 @@ def shipped_checkpoint(name: str) -> Path | None:
     """Trained heads shipped inside the package (``ma_agiqa/checkpoints/<name>``), if any."""
     path = Path(__file__).parent / "checkpoints" / name
     return path if (path / CONFIG_FILE).is_file() else None
+
+
+def checkpoint_dir(name_or_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint directory a model reference points to (a directory, or a name with shipped weights)."""
+    path = Path(name_or_dir)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    return shipped_checkpoint(str(name_or_dir))
+
+
+def load_config(name_or_dir: str | os.PathLike) -> ModelConfig:
+    """A model's config without building it: what a driver needs to plan a job (experts, prompts)."""
+    directory = checkpoint_dir(name_or_dir)
+    if directory is not None:
+        return ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    return get_config(str(name_or_dir))
+
+
+def load_semantic(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu") -> SemanticExtractor:
+    """Only the semantic branch of a model, for a pipeline stage of its own."""
+    cfg = load_config(name_or_dir)
+    if cfg.semantic is None:
+        raise ValueError(f"{cfg.name} has no semantic branch")
+    directory = checkpoint_dir(name_or_dir)
+    return SemanticExtractor.from_config(cfg.semantic, str(directory) if directory else None, device)

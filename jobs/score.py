@@ -1,0 +1,187 @@
+"""Score a manifest of images with MA-AGIQA on Ray Data and write a Parquet score table.
+
+    python -m jobs.score --manifest URI --output URI [--model NAME_OR_DIR] ...
+    ray job submit --working-dir . -- python -m jobs.score --manifest s3://... --output s3://...
+
+Without --address (and without RAY_ADDRESS, which `ray job submit` sets) it starts a local Ray.
+Re-running the same command resumes: only rows whose image_id is not yet in the output are scored.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from ma_agiqa.pipeline import AssignIds, DropDone, FetchDecode, JobSpec, ScoreRows, SemanticFeatures, WriteParts, summarise
+from ma_agiqa.storage import (
+    ManifestError,
+    expand_manifest,
+    join_uri,
+    read_column,
+    read_manifest_schema,
+    write_json,
+)
+
+log = logging.getLogger("jobs.score")
+SUMMARY_FILE = "_summary.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__.split("\n")[0])
+    p.add_argument("--manifest", required=True, help="a Parquet/CSV/JSONL file, a directory or a glob (local, file://, s3://, gs://)")
+    p.add_argument("--output", required=True, help="directory URI of the score table (Parquet parts)")
+    p.add_argument("--model", default="tiny-random", help="a registered model name or a checkpoint directory")
+    p.add_argument("--image-root", default=None, help="URI that relative manifest uris are resolved against")
+    p.add_argument("--address", default=None, help="Ray address; default RAY_ADDRESS, else a local Ray")
+    p.add_argument("--batch-size", type=int, default=16, help="images per model batch")
+    p.add_argument("--semantic-actors", type=int, default=1, help="actors hosting the MLLM")
+    p.add_argument("--quality-actors", type=int, default=1, help="actors hosting MANIQA + MoE")
+    p.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per model actor (fractions allowed); default 1 if the cluster has GPUs, else 0")
+    p.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs reserved per model actor; default 1 with GPUs, 0.5 on CPU only")
+    p.add_argument("--keep-columns", default="", help="comma-separated manifest columns to copy into the score table")
+    p.add_argument("--prompt-column", default="prompt", help="manifest column with the generation prompt (for a prompt expert)")
+    p.add_argument("--keep-features", action="store_true", help="also write the semantic vectors (float16)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N manifest rows")
+    p.add_argument("--rows-per-file", type=int, default=5000, help="rows per output Parquet part")
+    p.add_argument("--s3-endpoint", default=None, help="endpoint of an S3-compatible store (sets AWS_ENDPOINT_URL)")
+    return p.parse_args(argv)
+
+
+def plan(args) -> tuple[JobSpec, list[str], str]:
+    """Everything that can be checked before Ray starts or a model loads: the manifest, the columns, the
+    model's config. Raises ManifestError with a message for the user."""
+    from ma_agiqa.model import load_config
+
+    files, fmt = expand_manifest(args.manifest)
+    schema = read_manifest_schema(files[0], fmt)
+    for f in files[1:50] if fmt == "parquet" else []:
+        if "uri" not in read_manifest_schema(f, fmt).names:
+            raise ManifestError(f"manifest file {f} has no 'uri' column")
+    if "uri" not in schema.names:
+        raise ManifestError(f"manifest file {files[0]} has no 'uri' column (columns: {', '.join(schema.names)})")
+    keep = [c.strip() for c in args.keep_columns.split(",") if c.strip()]
+    missing = [c for c in keep if c not in schema.names]
+    if missing:
+        raise ManifestError(f"--keep-columns names columns the manifest lacks: {missing} (columns: {', '.join(schema.names)})")
+    cfg = load_config(args.model)
+    uses_prompt = any(e.source == "prompt" for e in cfg.moe.experts)
+    spec = JobSpec(
+        model=args.model,
+        experts=cfg.expert_names,
+        views=cfg.quality.views,
+        semantic_prompts={name: cfg.semantic.hidden_size for name in cfg.semantic.prompts} if cfg.semantic else {},
+        semantic_max_side=cfg.semantic.max_image_side if cfg.semantic else 1024,
+        image_root=args.image_root,
+        keep_columns={c: schema.field(c).type for c in keep},
+        keep_features=args.keep_features,
+        prompt_column=args.prompt_column if uses_prompt and args.prompt_column in schema.names else None,
+    )
+    spec.output_schema()  # kept columns must not clash with the score table's
+    return spec, files, fmt
+
+
+def read_manifest(files: list[str], fmt: str):
+    import ray.data
+
+    if fmt == "parquet":
+        return ray.data.read_parquet(files, file_extensions=None)
+    if fmt == "csv":
+        return ray.data.read_csv(files, file_extensions=None)
+    return ray.data.read_json(files, lines=True, file_extensions=None)
+
+
+def init_ray(address: str | None):
+    import ray
+
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "MA_AGIQA_CACHE", "AWS_DEFAULT_REGION") if k in os.environ}
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
+             ignore_reinit_error=True, logging_level=logging.WARNING)
+
+
+def run(args) -> dict:
+    import ray
+    import ray.data
+
+    if args.s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
+    spec, files, fmt = plan(args)
+    init_ray(args.address)
+    started = time.time()
+
+    gpus = args.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    cpus = args.cpus_per_actor if args.cpus_per_actor is not None else (1.0 if gpus > 0 else 0.5)
+    threads = max(1, int(cpus))
+
+    ds = read_manifest(files, fmt)
+    if args.limit is not None:
+        ds = ds.limit(args.limit)
+    ds = ds.map_batches(AssignIds(spec), batch_format="pyarrow")
+    done = read_column(args.output, "image_id").combine_chunks()
+    todo = ds.map_batches(DropDone(done), batch_format="pyarrow")
+    n_todo = todo.count()
+    summary = {
+        "manifest": args.manifest, "output": args.output, "model": args.model,
+        "already_scored": len(done), "to_score": n_todo,
+    }
+    if n_todo:
+        # Small manifests come as one block: split it so that every actor gets work.
+        todo = todo.repartition(target_num_rows_per_block=args.batch_size)
+        todo = todo.map_batches(
+            FetchDecode(spec), batch_size=args.batch_size, batch_format="pyarrow",
+            # One CPU per decode task, unlike the model actors: different resources keep Ray Data from fusing
+            # decoding into the GPU actors, so that it runs in parallel tasks ahead of them.
+            num_cpus=1,
+        )
+        actor = dict(batch_size=args.batch_size, batch_format="pyarrow", num_gpus=gpus, num_cpus=cpus)
+        if spec.semantic_prompts:
+            todo = todo.map_batches(
+                SemanticFeatures, fn_constructor_args=(spec, gpus, threads),
+                compute=ray.data.ActorPoolStrategy(size=args.semantic_actors, max_tasks_in_flight_per_actor=2), **actor,
+            )
+        todo = todo.map_batches(
+            ScoreRows, fn_constructor_args=(spec, gpus, threads),
+            compute=ray.data.ActorPoolStrategy(size=args.quality_actors, max_tasks_in_flight_per_actor=2), **actor,
+        )
+        counts = todo.map_batches(
+            WriteParts(args.output), batch_size=args.rows_per_file, batch_format="pyarrow", num_cpus=0.25,
+        ).take_all()
+        summary.update(summarise(counts))
+    else:
+        summary.update(summarise([]))
+    elapsed = time.time() - started
+    summary.update(
+        table_rows=len(read_column(args.output, "image_id")),
+        elapsed_s=round(elapsed, 2),
+        images_per_s=round(summary["rows"] / elapsed, 2) if summary["rows"] else 0.0,
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    write_json(json.dumps(summary, indent=2) + "\n", join_uri(args.output, SUMMARY_FILE))
+    return summary
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    try:
+        summary = run(args)
+    except ManifestError as e:
+        print(f"error: bad manifest: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    if summary["to_score"] == 0:
+        print(f"nothing to do: all {summary['already_scored']} rows of the manifest are already in {args.output}")
+    print(f"score table: {args.output} ({summary['table_rows']} rows; summary in {join_uri(args.output, SUMMARY_FILE)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The scoring pipeline's steps: small callables from one pyarrow table to the next, knowing nothing of the
+executor. ``jobs/score.py`` runs them on Ray Data; the benchmark's plain loop runs the same ones in a
+``for`` loop.
+
+manifest rows -> AssignIds -> FetchDecode (CPU) -> SemanticFeatures (GPU) -> ScoreRows (GPU) -> WriteParts
+
+Every step keeps every row: a row that fails becomes status "error" with its reason and flows on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image, normalize, quality_pixels, resize_for_semantic
+from .schema import STATUS_ERROR, STATUS_OK, feature_column, gate_column, score_schema
+from .storage import Fetcher, resolve_image_uri, stable_id, write_part_atomically
+
+# Columns the steps add for each other; none reaches the score table.
+PIXELS = "_quality_pixels"
+SEM_PIXELS, SEM_H, SEM_W = "_semantic_pixels", "_semantic_h", "_semantic_w"
+PROMPT = "_prompt"
+
+
+@dataclass
+class JobSpec:
+    """What every step needs to know about the job; plain data, shipped to every worker."""
+
+    model: str
+    experts: list[str]
+    views: object  # QualityViews of the model
+    semantic_prompts: dict[str, int] = field(default_factory=dict)  # prompt name -> hidden width
+    semantic_max_side: int = 1024
+    image_root: str | None = None
+    keep_columns: dict[str, pa.DataType] = field(default_factory=dict)
+    keep_features: bool = False
+    prompt_column: str | None = None  # the manifest column that holds the generation prompt
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    fetch_threads: int = 16
+
+    def output_schema(self) -> pa.Schema:
+        return score_schema(self.experts, self.keep_columns, self.semantic_prompts if self.keep_features else None)
+
+
+def _device(num_gpus: float) -> str:
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+class AssignIds:
+    """Adds ``image_id`` (the manifest's ``id`` as a string, else a stable hash of the uri) and keeps only
+    the columns the job uses."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        uris = table["uri"].cast(pa.string()) if "uri" in table.column_names else pa.nulls(len(table), pa.string())
+        rows = table.to_pylist() if uris.null_count else None  # rows without a uri hash their content
+        ids = pa.array(
+            [
+                stable_id(u) if u is not None else stable_id("row:" + json.dumps(rows[i], default=str, sort_keys=True))
+                for i, u in enumerate(uris.to_pylist())
+            ],
+            pa.string(),
+        )
+        if "id" in table.column_names:
+            given = table["id"].cast(pa.string())
+            ids = pc.if_else(pc.is_valid(given), given, ids)
+        columns = {"image_id": ids, "uri": uris}
+        for name, typ in self.spec.keep_columns.items():
+            columns[name] = table[name].cast(typ)
+        if self.spec.prompt_column:
+            columns[PROMPT] = table[self.spec.prompt_column].cast(pa.string())
+        return pa.table(columns)
+
+
+class DropDone:
+    """Drops rows whose image_id is already in the output (resume)."""
+
+    def __init__(self, done_ids: pa.Array):
+        self.done_ids = done_ids
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if len(self.done_ids) == 0:
+            return table
+        return table.filter(pc.invert(pc.is_in(table["image_id"], value_set=self.done_ids)))
+
+
+class FetchDecode:
+    """Reads the bytes of each row's image concurrently, decodes and preprocesses them with the library's
+    one preprocessing; a failure becomes the row's error."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.fetcher = Fetcher()
+
+    def _one(self, uri):
+        try:
+            img = decode_image(self.fetcher.fetch(resolve_image_uri(uri, self.spec.image_root)), self.spec.max_pixels)
+        except ImageError as e:
+            return None, f"{e.kind}: {e.message}"
+        except Exception as e:  # noqa: BLE001 - never lose a row to an unexpected decoder failure
+            return None, f"decode: {type(e).__name__}: {e}"
+        width, height = img.size
+        pixels = quality_pixels(img, self.spec.views).numpy().tobytes()
+        sem = None
+        if self.spec.semantic_prompts:
+            small = resize_for_semantic(img, self.spec.semantic_max_side)
+            sem = (np.asarray(small, dtype=np.uint8).tobytes(), small.size[1], small.size[0])
+        return (width, height, pixels, sem), None
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        with ThreadPoolExecutor(max_workers=self.spec.fetch_threads) as pool:
+            results = list(pool.map(self._one, table["uri"].to_pylist()))
+        ok = [r is not None for r, _ in results]
+        table = table.append_column("status", pa.array([STATUS_OK if o else STATUS_ERROR for o in ok]))
+        table = table.append_column("error", pa.array([e for _, e in results], pa.string()))
+        table = table.append_column("width", pa.array([r[0] if r else None for r, _ in results], pa.int32()))
+        table = table.append_column("height", pa.array([r[1] if r else None for r, _ in results], pa.int32()))
+        table = table.append_column(PIXELS, pa.array([r[2] if r else None for r, _ in results], pa.large_binary()))
+        if self.spec.semantic_prompts:
+            table = table.append_column(SEM_PIXELS, pa.array([r[3][0] if r else None for r, _ in results], pa.large_binary()))
+            table = table.append_column(SEM_H, pa.array([r[3][1] if r else None for r, _ in results], pa.int32()))
+            table = table.append_column(SEM_W, pa.array([r[3][2] if r else None for r, _ in results], pa.int32()))
+        return table
+
+
+def _ok_rows(table: pa.Table) -> np.ndarray:
+    return np.flatnonzero(pc.equal(table["status"], STATUS_OK).to_numpy(zero_copy_only=False))
+
+
+def _set_errors(table: pa.Table, rows: list[int], message: str) -> pa.Table:
+    status = table["status"].to_pylist()
+    errors = table["error"].to_pylist()
+    for i in rows:
+        status[i], errors[i] = STATUS_ERROR, message
+    table = table.set_column(table.column_names.index("status"), "status", pa.array(status))
+    return table.set_column(table.column_names.index("error"), "error", pa.array(errors, pa.string()))
+
+
+class SemanticFeatures:
+    """GPU stage: the frozen MLLM's vectors for every ok row (a model actor; the model loads once)."""
+
+    def __init__(self, spec: JobSpec, num_gpus: float = 0.0, threads: int | None = None):
+        from PIL import Image
+
+        from .model import load_semantic
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec = spec
+        self.image = Image
+        self.extractor = load_semantic(spec.model, _device(num_gpus))
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        rows = _ok_rows(table)
+        feats = {name: np.zeros((len(table), dim), np.float32) for name, dim in self.spec.semantic_prompts.items()}
+        if len(rows):
+            pix, hs, ws = table[SEM_PIXELS], table[SEM_H], table[SEM_W]
+            images = [
+                self.image.fromarray(np.frombuffer(pix[i].as_py(), np.uint8).reshape(hs[i].as_py(), ws[i].as_py(), 3))
+                for i in rows
+            ]
+            failed = []
+            try:
+                out = self.extractor(images)
+                for name in feats:
+                    feats[name][rows] = out[name].cpu().numpy()
+            except Exception:  # noqa: BLE001 - isolate the row that breaks the model, keep the others
+                for i, img in zip(rows, images):
+                    try:
+                        one = self.extractor([img])
+                        for name in feats:
+                            feats[name][i] = one[name][0].cpu().numpy()
+                    except Exception as e:  # noqa: BLE001
+                        failed.append((int(i), f"semantic: {type(e).__name__}: {str(e)[:200]}"))
+            for i, message in failed:
+                table = _set_errors(table, [i], message)
+        table = table.drop_columns([SEM_PIXELS, SEM_H, SEM_W])
+        for name, arr in feats.items():
+            flat = pa.array(arr.reshape(-1), pa.float32())
+            table = table.append_column(feature_column(name), pa.FixedSizeListArray.from_arrays(flat, arr.shape[1]))
+        return table
+
+
+class ScoreRows:
+    """GPU stage: MANIQA + MoE (+ the prompt encoder) on every ok row; emits rows of the score table."""
+
+    def __init__(self, spec: JobSpec, num_gpus: float = 0.0, threads: int | None = None):
+        from .model import create_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec = spec
+        self.device = _device(num_gpus)
+        self.model = create_model(spec.model, device=self.device, with_semantic=False)
+        self.schema = spec.output_schema()
+        self.views_shape = (-1, 3, spec.views.size, spec.views.size)
+
+    @torch.inference_mode()
+    def _score(self, table: pa.Table, rows: np.ndarray):
+        pix = table[PIXELS]
+        views = torch.from_numpy(
+            np.stack([np.frombuffer(pix[i].as_py(), np.uint8).reshape(self.views_shape) for i in rows])
+        ).to(self.device)
+        views = normalize(views, self.spec.views)
+        semantic = {
+            name: torch.from_numpy(
+                table[feature_column(name)].combine_chunks().flatten().to_numpy().reshape(len(table), -1)[rows]
+            ).to(self.device)
+            for name in self.spec.semantic_prompts
+        }
+        emb = present = None
+        if self.model.prompt_encoder is not None:
+            prompts = table[PROMPT].to_pylist() if PROMPT in table.column_names else [None] * len(table)
+            emb, present = self.model.prompt_encoder([prompts[i] for i in rows])
+        score, gates = self.model(views, semantic, emb, present)
+        return score.float().cpu().numpy(), gates.float().cpu().numpy()
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        n = len(table)
+        scores = np.full(n, np.nan, np.float32)
+        gates = np.full((n, len(self.spec.experts)), np.nan, np.float32)
+        rows = _ok_rows(table)
+        if len(rows):
+            try:
+                scores[rows], gates[rows] = self._score(table, rows)
+            except Exception:  # noqa: BLE001 - isolate the failing row
+                failed = []
+                for i in rows:
+                    try:
+                        s, g = self._score(table, np.array([i]))
+                        scores[i], gates[i] = s[0], g[0]
+                    except Exception as e:  # noqa: BLE001
+                        failed.append(int(i))
+                        table = _set_errors(table, [int(i)], f"quality: {type(e).__name__}: {str(e)[:200]}")
+        ok = pc.equal(table["status"], STATUS_OK).to_numpy(zero_copy_only=False)
+        columns = {
+            "image_id": table["image_id"],
+            "uri": table["uri"],
+            "score": pa.array(np.where(ok, scores, 0), pa.float32(), mask=~ok),
+        }
+        for j, expert in enumerate(self.spec.experts):
+            columns[gate_column(expert)] = pa.array(np.where(ok, gates[:, j], 0), pa.float32(), mask=~ok)
+        now = datetime.now(timezone.utc)
+        columns.update(
+            status=table["status"], error=table["error"], width=table["width"], height=table["height"],
+            model=pa.array([self.model.model_id] * n, pa.string()),
+            scored_at=pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+        )
+        for name in self.spec.keep_columns:
+            columns[name] = table[name]
+        if self.spec.keep_features:
+            for name, dim in self.spec.semantic_prompts.items():
+                values = table[feature_column(name)].combine_chunks().flatten().to_numpy().astype(np.float16)
+                columns[feature_column(name)] = pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float16()), dim)
+        return pa.Table.from_pydict(columns, schema=self.schema)
+
+
+class WriteParts:
+    """Writes each batch of score rows as one Parquet part, named by a hash of its ids so that a retried
+    write replaces its own file; returns one line of counts per part for the job's summary."""
+
+    def __init__(self, output_uri: str):
+        self.output_uri = output_uri
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if len(table) == 0:
+            return pa.table({"rows": pa.array([], pa.int64()), "ok": pa.array([], pa.int64()), "errors": pa.array([], pa.string())})
+        digest = hashlib.sha1("\n".join(sorted(table["image_id"].to_pylist())).encode()).hexdigest()[:20]
+        write_part_atomically(table, self.output_uri, f"part-{digest}.parquet")
+        ok = int(pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0)
+        kinds = Counter(e.split(":", 1)[0] for e in table["error"].to_pylist() if e is not None)
+        return pa.table({"rows": [len(table)], "ok": [ok], "errors": [json.dumps(dict(kinds))]})
+
+
+def summarise(counts: list[dict]) -> dict:
+    """Adds up the per-part counts returned by WriteParts."""
+    kinds: Counter = Counter()
+    for c in counts:
+        kinds.update(json.loads(c["errors"]))
+    rows = sum(c["rows"] for c in counts)
+    ok = sum(c["ok"] for c in counts)
+    return {"rows": rows, "ok": ok, "errors": rows - ok, "errors_by_kind": dict(sorted(kinds.items()))}
+
