@@ -1,0 +1,153 @@
+"""The scoring job on a real local Ray (2 CPUs) with tiny-random: local files and an S3-compatible server."""
+import json
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from helpers import SAMPLE, bad_files, read_table, sample_rows
+from jobs import score
+from ma_agiqa.images import decode_image
+from ma_agiqa.schema import validate_score_table
+
+EXPERTS = ["coherence", "semantic", "quality"]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on 127.0.0.1, started before Ray so that its workers inherit the endpoint."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_server):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
+        k: os.environ[k] for k in ("MA_AGIQA_CACHE", *s3_server) if k in os.environ}})
+    yield
+    ray.shutdown()
+
+
+def run_job(*argv) -> dict:
+    return score.run(score.parse_args(list(argv)))
+
+
+def test_sample_manifest_scores_every_row_like_the_library(local_ray, tmp_path, tiny_model):
+    out = str(tmp_path / "scores")
+    summary = run_job("--manifest", str(SAMPLE / "manifest.jsonl"), "--image-root", str(SAMPLE), "--output", out,
+                      "--keep-columns", "prompt,generator", "--keep-features", "--batch-size", "8")
+    rows = sample_rows()
+    assert summary["rows"] == summary["ok"] == len(rows) == summary["table_rows"]
+    table = read_table(out)
+    validate_score_table(table, EXPERTS)
+    assert sorted(table["image_id"].to_pylist()) == sorted(r["id"] for r in rows)
+    assert table.schema.field("feature_coherence").type == pa.list_(pa.float16(), 64)
+    assert table["model"][0].as_py() == tiny_model.model_id
+    by_id = {r["image_id"]: r for r in table.to_pylist()}
+    assert by_id["AttnGAN_normal_001"]["prompt"] == "a tray of sushi"
+    # the job's scores are the library's scores for the same images
+    names = ["AttnGAN_normal_001", "midjourney_normal_001", "sd1.5_normal_001"]
+    images = [decode_image((SAMPLE / "images" / f"{n}.jpg").read_bytes()) for n in names]
+    expected = tiny_model.score_images(images)
+    for n, s, g in zip(names, expected["score"], expected["gates"]):
+        assert by_id[n]["score"] == pytest.approx(float(s), abs=1e-4)
+        assert by_id[n]["gate_quality"] == pytest.approx(float(g[2]), abs=1e-4)
+    saved = json.loads((tmp_path / "scores" / "_summary.json").read_text())
+    assert saved["rows"] == len(rows) and saved["images_per_s"] > 0
+
+
+def test_bad_rows_become_error_rows_and_nothing_is_lost(local_ray, tmp_path):
+    root = tmp_path / "images"
+    shutil.copytree(SAMPLE / "images", root)
+    expected_bad = bad_files(root)
+    good = [{"id": r["id"], "uri": r["uri"].removeprefix("images/"), "prompt": r["prompt"]} for r in sample_rows()]
+    bad = [{"id": f"bad-{i}", "uri": uri, "prompt": None} for i, uri in enumerate(expected_bad)]
+    bad.append({"id": "bad-null", "uri": None, "prompt": "no uri at all"})
+    rows = good[:30] + bad + good[30:]  # ~20 % bad, in the middle of the manifest
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
+    out = str(tmp_path / "scores")
+    summary = run_job("--manifest", str(tmp_path / "manifest.parquet"), "--image-root", str(root), "--output", out, "--batch-size", "8")
+    table = read_table(out)
+    validate_score_table(table, EXPERTS)
+    assert table.num_rows == len(rows) and len(set(table["image_id"].to_pylist())) == len(rows)
+    by_id = {r["image_id"]: r for r in table.to_pylist()}
+    for i, (uri, kind) in enumerate(expected_bad.items()):
+        row = by_id[f"bad-{i}"]
+        assert row["status"] == "error" and row["error"].startswith(kind + ":"), (uri, row["error"])
+        assert row["score"] is None and row["gate_quality"] is None
+    assert by_id["bad-null"]["error"].startswith("missing_uri:")
+    assert all(by_id[r["id"]]["status"] == "ok" for r in good)
+    assert summary["errors"] == len(bad) and summary["ok"] == len(good)
+    assert summary["errors_by_kind"] == {**{k: 1 for k in expected_bad.values()}, "missing_uri": 1}
+
+
+def test_rerun_scores_only_what_is_missing(local_ray, tmp_path):
+    args = ["--manifest", str(SAMPLE / "manifest.jsonl"), "--image-root", str(SAMPLE), "--output", str(tmp_path / "s"), "--batch-size", "8"]
+    first = run_job(*args, "--limit", "12")
+    assert first["rows"] == 12
+    second = run_job(*args)
+    assert second["already_scored"] == 12 and second["rows"] == 28
+    third = run_job(*args)
+    assert third["to_score"] == 0 and third["rows"] == 0
+    ids = read_table(str(tmp_path / "s"))["image_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 40
+
+
+def test_a_bad_manifest_fails_before_any_model_work(tmp_path, capsys):
+    pq.write_table(pa.table({"path": ["a.jpg"]}), tmp_path / "m.parquet")
+    assert score.main(["--manifest", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "o")]) == 2
+    assert "no 'uri' column" in capsys.readouterr().err
+    assert score.main(["--manifest", str(tmp_path / "nope.csv"), "--output", str(tmp_path / "o")]) == 2
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    assert score.main(["--manifest", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o")]) == 2
+    assert "cannot read manifest" in capsys.readouterr().err
+    args = ["--manifest", str(SAMPLE / "manifest.jsonl"), "--output", str(tmp_path / "o"), "--keep-columns", "seed"]
+    assert score.main(args) == 2
+    assert "lacks" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_s3_manifest_and_images(local_ray, s3_server, tmp_path):
+    import boto3
+    import s3fs
+
+    boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"]).create_bucket(Bucket="corpus")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["AWS_ENDPOINT_URL"]})
+    rows = sample_rows()[:10]
+    for r in rows:
+        fs.pipe(f"corpus/imgs/{r['uri'].removeprefix('images/')}", (SAMPLE / r["uri"]).read_bytes())
+    manifest = pa.Table.from_pylist(
+        [{"uri": f"s3://corpus/imgs/{r['uri'].removeprefix('images/')}", "prompt": r["prompt"]} for r in rows]
+        + [{"uri": "s3://corpus/imgs/missing.jpg", "prompt": "gone"}]
+    )
+    with fs.open("corpus/manifests/part-0.parquet", "wb") as f:
+        pq.write_table(manifest, f)
+    summary = run_job("--manifest", "s3://corpus/manifests/", "--output", "s3://corpus/scores", "--keep-columns", "prompt")
+    assert summary["rows"] == 11 and summary["ok"] == 10 and summary["errors_by_kind"] == {"missing": 1}
+    table = read_table("corpus/scores", filesystem=fs)
+    validate_score_table(table, EXPERTS)
+    assert table.num_rows == 11
+    assert fs.exists("corpus/scores/_summary.json")
+    # credentials never reach the outputs
+    assert "testing-secret" not in fs.cat("corpus/scores/_summary.json").decode()
