@@ -96,13 +96,23 @@ def read_manifest(files: list[str], fmt: str):
     return ray.data.read_json(files, lines=True, file_extensions=None)
 
 
-def init_ray(address: str | None):
+def init_ray(address: str | None, s3_endpoint: str | None = None):
+    """Join the cluster at ``address`` / RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
+
+    A local Ray's workers get this process's store settings; a cluster's come from its job's runtime_env
+    (cluster/README.md), except an explicit --s3-endpoint, merged into it."""
     import ray
 
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "MA_AGIQA_CACHE", "AWS_DEFAULT_REGION") if k in os.environ}
     address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
-             ignore_reinit_error=True, logging_level=logging.WARNING)
+    if address is None:
+        keys = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MA_AGIQA_CACHE")
+        env = {k: os.environ[k] for k in keys if k in os.environ}
+    else:
+        env = {"AWS_ENDPOINT_URL": s3_endpoint} if s3_endpoint else {}
+        if env:
+            os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
+             logging_level=logging.WARNING)
 
 
 def run(args) -> dict:
@@ -112,7 +122,7 @@ def run(args) -> dict:
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
     spec, files, fmt = plan(args)
-    init_ray(args.address)
+    init_ray(args.address, args.s3_endpoint)
     started = time.time()
 
     gpus = args.gpus_per_actor

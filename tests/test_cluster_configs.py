@@ -1,0 +1,73 @@
+"""Every cluster config parses, and the command each one runs is a real jobs.score command line."""
+import importlib.util
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs import score
+from ma_agiqa import list_models
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+
+
+def check_score_command(command: str):
+    argv = shlex.split(command)
+    i = argv.index("-m")
+    assert argv[i + 1] == "jobs.score" and importlib.util.find_spec("jobs.score") is not None
+    args = score.parse_args(argv[i + 2 :])  # exits (fails the test) on an unknown flag
+    assert args.model in list_models() or Path(args.model).is_dir()
+    return args
+
+
+def test_raycluster_has_a_cpu_head_and_gpu_workers():
+    spec = yaml.safe_load((CLUSTER / "raycluster.yaml").read_text())
+    assert spec["kind"] == "RayCluster" and spec["apiVersion"] == "ray.io/v1"
+    assert spec["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (worker,) = spec["spec"]["workerGroupSpecs"]
+    limits = worker["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert int(limits["nvidia.com/gpu"]) >= 1 and int(limits["cpu"]) >= 8
+
+
+def test_rayjob_runs_the_scoring_job():
+    spec = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())
+    assert spec["kind"] == "RayJob"
+    args = check_score_command(spec["spec"]["entrypoint"])
+    assert args.manifest.startswith("s3://") and args.output.startswith("s3://")
+    runtime_env = yaml.safe_load(spec["spec"]["runtimeEnvYAML"])
+    assert "working_dir" in runtime_env
+    assert spec["spec"]["shutdownAfterJobFinishes"] is True
+
+
+def test_aws_launcher_yaml_is_valid_for_ray():
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((CLUSTER / "aws-cluster.yaml").read_text())
+    jsonschema.validate(config, schema)
+    assert config["head_node_type"] in config["available_node_types"]
+    assert any("pip install" in c for c in config["setup_commands"])
+
+
+def test_runtime_env_ships_the_repository():
+    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    assert env["working_dir"] == "."
+    assert not any(k.startswith("AWS_SECRET") for k in env.get("env_vars", {}))
+
+
+def test_sample_submit_script_is_valid_bash_and_runs_the_job():
+    script = (CLUSTER / "score-sample.sh").read_text()
+    subprocess.run(["bash", "-n", str(CLUSTER / "score-sample.sh")], check=True)
+    command = script.split("-- \\\n", 1)[1].replace("\\\n", " ")
+    command = command.replace('"${OUTPUT:-/tmp/ma-agiqa-sample-scores}"', "/tmp/out")
+    args = check_score_command(command)
+    assert (Path(__file__).resolve().parents[1] / args.manifest).is_file()
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml", "aws-cluster.yaml", "runtime_env.yaml"])
+def test_documented_in_the_cluster_readme(name):
+    assert name in (CLUSTER / "README.md").read_text()

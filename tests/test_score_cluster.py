@@ -1,0 +1,99 @@
+"""The scoring job as users run it: a process killed mid-way then re-run, and `ray job submit` to a
+`ray start --head` cluster. Each test starts its own Ray processes and kills their process group after."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import REPO, SAMPLE, read_table, sample_rows
+from ma_agiqa.schema import validate_score_table
+
+
+def _env(**extra):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO), **extra)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def test_killed_run_resumes_to_a_complete_table_without_duplicates(agiqa_dir, tmp_path):
+    names = sorted(p.name for p in (agiqa_dir / "images").iterdir())[::10][:160]
+    pq.write_table(pa.table({"uri": names}), tmp_path / "manifest.parquet")
+    out = tmp_path / "scores"
+    cmd = [sys.executable, "-m", "jobs.score", "--manifest", str(tmp_path / "manifest.parquet"),
+           "--image-root", str(agiqa_dir / "images"), "--output", str(out), "--batch-size", "4", "--rows-per-file", "8"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 2:
+            assert proc.poll() is None, "the job ended before it could be killed"
+            time.sleep(0.2)
+        assert len(list(out.glob("part-*.parquet"))) >= 2, "no part file appeared in time"
+    finally:
+        _kill_group(proc)  # SIGKILL to the job and its local Ray: no clean-up runs
+    partial = read_table(str(out)).num_rows
+    assert 0 < partial < len(names)
+    # every visible part is a whole Parquet file (written to a hidden name, then renamed)
+    for part in out.glob("part-*.parquet"):
+        pq.read_table(part)
+
+    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400, start_new_session=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = read_table(str(out))
+    validate_score_table(table, ["coherence", "semantic", "quality"])
+    ids = table["image_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == len(names)
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["already_scored"] == partial and summary["rows"] == len(names) - partial
+
+
+def test_ray_job_submit_to_a_head_node(tmp_path):
+    gcs_port, dash_port = _free_port(), _free_port()
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port), "--include-dashboard", "true",
+         "--disable-usage-stats"],
+        env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        address = f"http://127.0.0.1:{dash_port}"
+        out = tmp_path / "scores"
+        runtime_env = {"env_vars": {"MA_AGIQA_CACHE": os.environ["MA_AGIQA_CACHE"]}}
+        submit = ["ray", "job", "submit", "--address", address, "--working-dir", ".",
+                  "--runtime-env-json", json.dumps(runtime_env), "--",
+                  "python", "-m", "jobs.score", "--manifest", "samples/agiqa3k/manifest.jsonl",
+                  "--image-root", "samples/agiqa3k", "--output", str(out), "--keep-columns", "generator"]
+        deadline = time.time() + 60
+        while True:  # the dashboard's job API takes a few seconds to come up
+            result = subprocess.run(submit, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+            if result.returncode == 0 or time.time() > deadline or "Connection" not in result.stdout + result.stderr:
+                break
+            time.sleep(2)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        assert "score table:" in result.stdout
+        table = read_table(str(out))
+        assert table.num_rows == len(sample_rows())
+        assert set(table["generator"].to_pylist()) == {r["generator"] for r in sample_rows()}
+    finally:
+        _kill_group(head)
