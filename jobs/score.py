@@ -111,7 +111,9 @@ def init_ray(address: str | None, s3_endpoint: str | None = None):
         env = {"AWS_ENDPOINT_URL": s3_endpoint} if s3_endpoint else {}
         if env:
             os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
+    # "local" always starts a new local Ray: a bare ray.init() would attach to whatever cluster
+    # /tmp/ray/ray_current_cluster names, even a dead one.
+    ray.init(address=address or "local", runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
              logging_level=logging.WARNING)
 
 

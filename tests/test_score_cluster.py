@@ -97,3 +97,12 @@ def test_ray_job_submit_to_a_head_node(tmp_path):
         assert set(table["generator"].to_pylist()) == {r["generator"] for r in sample_rows()}
     finally:
         _kill_group(head)
+    # The killed head leaves /tmp/ray/ray_current_cluster naming a dead cluster: a job without --address
+    # must still start its own local Ray rather than wait on that one.
+    local = subprocess.run(
+        [sys.executable, "-m", "jobs.score", "--manifest", "samples/agiqa3k/manifest.jsonl", "--image-root",
+         "samples/agiqa3k", "--output", str(tmp_path / "local"), "--limit", "4"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180, start_new_session=True,
+    )
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert read_table(str(tmp_path / "local")).num_rows == 4

@@ -43,7 +43,7 @@ def s3_server():
 def local_ray(s3_server):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
         k: os.environ[k] for k in ("MA_AGIQA_CACHE", *s3_server) if k in os.environ}})
     yield
     ray.shutdown()
