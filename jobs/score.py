@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quality-actors", type=int, default=1, help="actors hosting MANIQA + MoE")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per model actor (fractions allowed); default 1 if the cluster has GPUs, else 0")
     p.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs reserved per model actor; default 1 with GPUs, 0.5 on CPU only")
+    p.add_argument("--threads-per-actor", type=int, default=None, help="torch CPU threads per model actor; default: the CPUs it reserves, at least 1")
     p.add_argument("--keep-columns", default="", help="comma-separated manifest columns to copy into the score table")
     p.add_argument("--prompt-column", default="prompt", help="manifest column with the generation prompt (for a prompt expert)")
     p.add_argument("--keep-features", action="store_true", help="also write the semantic vectors (float16)")
@@ -84,6 +85,28 @@ def plan(args) -> tuple[JobSpec, list[str], str]:
     )
     spec.output_schema()  # kept columns must not clash with the score table's
     return spec, files, fmt
+
+
+class JobConfigError(ValueError):
+    """Settings that cannot run on this cluster: the job stops before any model loads."""
+
+
+def actor_cpus(args, gpus: float, spec: JobSpec, cluster_cpus: float) -> float:
+    """CPUs reserved per model actor. The actors must leave at least one CPU for the read, decode and
+    write tasks, or Ray Data waits forever for room to schedule them."""
+    n_actors = args.quality_actors + (args.semantic_actors if spec.semantic_prompts else 0)
+    room = cluster_cpus - 1
+    if args.cpus_per_actor is not None:
+        if n_actors * args.cpus_per_actor > room:
+            raise JobConfigError(
+                f"{n_actors} model actors x {args.cpus_per_actor} CPUs leave no CPU for decoding on a cluster with "
+                f"{cluster_cpus:g} CPUs: lower --cpus-per-actor or the actor counts"
+            )
+        return args.cpus_per_actor
+    wanted = 1.0 if gpus > 0 else 0.5
+    if room <= 0:
+        raise JobConfigError(f"the cluster has {cluster_cpus:g} CPUs; the job needs at least 2")
+    return min(wanted, room / n_actors)
 
 
 def read_manifest(files: list[str], fmt: str):
@@ -130,15 +153,19 @@ def run(args) -> dict:
     gpus = args.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    cpus = args.cpus_per_actor if args.cpus_per_actor is not None else (1.0 if gpus > 0 else 0.5)
-    threads = max(1, int(cpus))
+    cpus = actor_cpus(args, gpus, spec, ray.cluster_resources().get("CPU", 0))
+    # Torch threads per model actor: one per reserved CPU. On CPU-only nodes, more threads than reserved
+    # CPUs oversubscribe the cores and were measured slower (benchmarks/README.md): add actors instead.
+    threads = args.threads_per_actor or max(1, int(cpus))
 
     ds = read_manifest(files, fmt)
     if args.limit is not None:
         ds = ds.limit(args.limit)
     ds = ds.map_batches(AssignIds(spec), batch_format="pyarrow")
     done = read_column(args.output, "image_id").combine_chunks()
-    todo = ds.map_batches(DropDone(done), batch_format="pyarrow")
+    # The rows still to score, read once: counting them decides whether any model needs to load, and the
+    # pipeline then starts from these blocks instead of reading the manifest again.
+    todo = ds.map_batches(DropDone(done), batch_format="pyarrow").materialize()
     n_todo = todo.count()
     summary = {
         "manifest": args.manifest, "output": args.output, "model": args.model,
@@ -187,6 +214,9 @@ def main(argv=None) -> int:
         summary = run(args)
     except ManifestError as e:
         print(f"error: bad manifest: {e}", file=sys.stderr)
+        return 2
+    except JobConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
     if summary["to_score"] == 0:

@@ -1,20 +1,29 @@
 """MA-AGIQA: quality scores for AI-generated images from a multimodal LLM's semantic vectors, a MANIQA
-quality branch and a mixture of experts."""
-from .config import ModelConfig
-from .images import ImageError, QualityViews, decode_image, quality_views
-from .model import MAAGIQA, create_model, from_pretrained
-from .registry import get_config, list_models, register_model
+quality branch and a mixture of experts.
 
-__all__ = [
-    "MAAGIQA",
-    "ImageError",
-    "ModelConfig",
-    "QualityViews",
-    "create_model",
-    "decode_image",
-    "from_pretrained",
-    "get_config",
-    "list_models",
-    "quality_views",
-    "register_model",
-]
+Names are imported on first use, so that a pipeline worker that only decodes images or reads manifests
+does not pay for importing timm and transformers.
+"""
+import importlib
+
+_EXPORTS = {
+    "MAAGIQA": "model",
+    "create_model": "model",
+    "from_pretrained": "model",
+    "ModelConfig": "config",
+    "ImageError": "images",
+    "QualityViews": "images",
+    "decode_image": "images",
+    "quality_views": "images",
+    "get_config": "registry",
+    "list_models": "registry",
+    "register_model": "registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,7 @@ from .images import quality_views
 from .maniqa import MANIQA
 from .moe import MoEHead
 from .prompt_encoder import PromptEncoder
-from .registry import get_config
+from .registry import get_config, list_models
 from .semantic import SemanticExtractor
 
 CONFIG_FILE = "config.json"
@@ -66,21 +66,26 @@ class MAAGIQA(nn.Module):
     # -- pure tensor path ------------------------------------------------------------------------------
     def forward(
         self,
-        views: torch.Tensor,
+        views: torch.Tensor | None = None,
         semantic: dict[str, torch.Tensor] | None = None,
         prompt_embedding: torch.Tensor | None = None,
         prompt_present: torch.Tensor | None = None,
+        backbone_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """views [B, V, 3, s, s], semantic {prompt name: [B, hidden]}, prompt_embedding [B, dim]
+        """views [B, V, 3, s, s] (or a frozen backbone's cached maps [B, C, g, g] as ``backbone_features``),
+        semantic {prompt name: [B, hidden]}, prompt_embedding [B, dim]
         -> (MOS [B] float32, gates [B, E] in ``cfg.expert_names`` order)."""
         features = dict(semantic or {})
-        features["quality"] = self.quality(views)
+        if backbone_features is not None:
+            features["quality"] = self.quality.head(backbone_features)
+        else:
+            features["quality"] = self.quality(views)
         present = None
         if any(e.source == "prompt" for e in self.cfg.moe.experts):
-            b = views.shape[0]
+            b = features["quality"].shape[0]
             if prompt_embedding is None:
                 prompt_embedding = features["quality"].new_zeros(b, self.cfg.prompt.dim)
-                prompt_present = torch.zeros(b, dtype=torch.bool, device=views.device)
+                prompt_present = torch.zeros(b, dtype=torch.bool, device=prompt_embedding.device)
             features["prompt"] = prompt_embedding
             present = {"prompt": prompt_present}
         score, gates = self.moe(features, present)
@@ -176,9 +181,12 @@ def create_model(
 def from_pretrained(
     directory: str | os.PathLike, device: str | torch.device = "cpu", with_semantic: bool = True, with_prompt: bool = True
 ) -> MAAGIQA:
+    """Load a checkpoint directory; a registered name builds that config (with its shipped weights, if any)."""
     directory = Path(directory)
     if not (directory / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{directory} is not a checkpoint directory (no {CONFIG_FILE})")
+        if not directory.exists() and str(directory) in list_models():
+            return create_model(str(directory), device, with_semantic, with_prompt)
+        raise FileNotFoundError(f"{directory} is neither a checkpoint directory (no {CONFIG_FILE}) nor a registered model")
     cfg = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
     sd = load_file(str(directory / WEIGHTS_FILE))
     backbone_in_file = any(k.startswith("quality.backbone.") for k in sd)

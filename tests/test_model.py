@@ -191,6 +191,12 @@ def test_save_then_load_gives_identical_scores(fixture, request, agiqa_images, t
     assert create_model(str(tmp_path / "ckpt")).model_id == model.model_id
 
 
+def test_from_pretrained_takes_a_name_or_a_directory(tmp_path):
+    assert ma_agiqa.from_pretrained("tiny-random", with_semantic=False).cfg.name == "tiny-random"
+    with pytest.raises(FileNotFoundError, match="neither"):
+        ma_agiqa.from_pretrained(tmp_path / "missing")
+
+
 def test_prompt_expert_weighs_prompts(tiny_prompt_model, agiqa_images):
     out = tiny_prompt_model.score_images(agiqa_images[:2], ["a tray of sushi", None])
     assert tiny_prompt_model.cfg.expert_names == ["coherence", "semantic", "quality", "prompt"]

@@ -151,3 +151,16 @@ def test_s3_manifest_and_images(local_ray, s3_server, tmp_path):
     assert fs.exists("corpus/scores/_summary.json")
     # credentials never reach the outputs
     assert "testing-secret" not in fs.cat("corpus/scores/_summary.json").decode()
+
+
+def test_actor_cpus_always_leave_room_for_decoding():
+    args = score.parse_args(["--manifest", "m", "--output", "o", "--quality-actors", "2"])
+    spec = score.JobSpec(model="tiny-random", experts=EXPERTS, views=None, semantic_prompts={"coherence": 64})
+    assert score.actor_cpus(args, 0.0, spec, 2) == pytest.approx(1 / 3)  # 3 actors share 1 CPU, 1 left for tasks
+    assert score.actor_cpus(args, 0.0, spec, 16) == 0.5
+    assert score.actor_cpus(args, 1.0, spec, 16) == 1.0
+    explicit = score.parse_args(["--manifest", "m", "--output", "o", "--cpus-per-actor", "1"])
+    with pytest.raises(score.JobConfigError, match="no CPU for decoding"):
+        score.actor_cpus(explicit, 0.0, spec, 2)
+    with pytest.raises(score.JobConfigError, match="at least 2"):
+        score.actor_cpus(args, 0.0, spec, 1)

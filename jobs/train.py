@@ -1,0 +1,100 @@
+"""Train MA-AGIQA's trainable parts on a labelled dataset; the frozen parts are computed once and cached.
+
+    python -m jobs.train --dataset agiqa3k --data-root DIR --model CONFIG_OR_DIR --output DIR
+        [--split-file F | --split-seed S [--split-by-prompt]] [--epochs N] [--repeats K] [--address ADDR]
+
+Writes a checkpoint directory (loadable by from_pretrained and by jobs.score --model DIR), metrics.json
+(per-epoch train/val SRCC, PLCC, loss) and the config used. With --repeats K: K seeded random splits, each
+in OUTPUT/repeat-<k>, and the median and spread of the best val metrics in OUTPUT/metrics.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="agiqa3k")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--labels", default=None, help="label file (default: the dataset's own under --data-root)")
+    p.add_argument("--target", default="quality", help="agiqa3k: quality or align")
+    p.add_argument("--model", required=True, help="a registered config or a checkpoint directory to fine-tune")
+    p.add_argument("--output", required=True)
+    p.add_argument("--split-file", default=None, help="CSV with image_id,split columns")
+    p.add_argument("--split-seed", type=int, default=None, help="seeded random split instead of the label file's")
+    p.add_argument("--split-by-prompt", action="store_true", help="no prompt on both sides of the split")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="use the first N rows of each split (smoke runs)")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/ma_agiqa/features)")
+    p.add_argument("--address", default=None, help="Ray address for the MLLM feature extraction")
+    return p.parse_args(argv)
+
+
+def splits(args, df: pd.DataFrame, repeat: int):
+    from ma_agiqa.datasets import split_frame
+
+    if args.split_file:
+        s = pd.read_csv(args.split_file)[["image_id", "split"]]
+        df = df.drop(columns="split").merge(s, on="image_id", how="inner")
+        return split_frame(df)
+    seed = None if args.split_seed is None and args.repeats == 1 else (args.split_seed or 0) + repeat
+    return split_frame(df, seed=seed, by_prompt=args.split_by_prompt)
+
+
+def train_once(args, df, output: Path, repeat: int = 0) -> dict:
+    import torch
+
+    from ma_agiqa import create_model
+    from ma_agiqa.training import prepare, train
+
+    train_df, val_df = splits(args, df, repeat)
+    if args.limit:
+        train_df, val_df = train_df.head(args.limit), val_df.head(args.limit)
+    torch.manual_seed(0)
+    model = create_model(args.model, with_semantic=False)
+    t = model.cfg.train
+    t.epochs = args.epochs or t.epochs
+    t.lr = args.lr or t.lr
+    t.batch_size = args.batch_size or t.batch_size
+    train_in, stats_train = prepare(model, args.model, train_df, args.cache_dir, args.address)
+    val_in, stats_val = prepare(model, args.model, val_df, args.cache_dir, args.address)
+    result = train(model, train_in, val_in)
+    model.save_pretrained(output)
+    metrics = {
+        "dataset": args.dataset, "model": args.model, "checkpoint": model.model_id,
+        "n_train": len(train_df), "n_val": len(val_df), "cache": {"train": stats_train, "val": stats_val}, **result,
+    }
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (output / "train_config.json").write_text(json.dumps({**vars(args), "train": vars(t)}, indent=2, default=str) + "\n")
+    return metrics
+
+
+def main(argv=None) -> int:
+    from ma_agiqa.datasets import load_dataset
+
+    args = parse_args(argv)
+    df = load_dataset(args.dataset, args.data_root, args.labels, args.target)
+    output = Path(args.output)
+    if args.repeats == 1:
+        m = train_once(args, df, output)
+        print(json.dumps({"best": m["best"], "checkpoint": str(output)}, indent=2))
+        return 0
+    runs = [train_once(args, df, output / f"repeat-{k}", k)["best"] for k in range(args.repeats)]
+    summary = {k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs),
+                   "max": max(r[k] for r in runs)} for k in ("val_srcc", "val_plcc")}
+    (output / "metrics.json").write_text(json.dumps({"repeats": runs, "summary": summary}, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
