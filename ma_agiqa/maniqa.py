@@ -90,6 +90,8 @@ class MANIQA(nn.Module):
     def head(self, feats: torch.Tensor) -> torch.Tensor:
         """Feature map [B, C, g, g] -> quality vector [B, g*g]."""
         b, _, g, _ = feats.shape
+        if self.cfg.input_norm:
+            feats = torch.cat([F.group_norm(f, 1) for f in feats.split(self.backbone.level_channels, dim=1)], dim=1)
         x = self.tab1(feats.flatten(2)).view(b, -1, g, g)
         x = self.swin1(self.conv1(x))
         x = self.tab2(x.flatten(2)).view(b, -1, g, g)
