@@ -137,6 +137,7 @@ class MAAGIQA(nn.Module):
                     shutil.copytree(source, directory / sub)
                 part_cfg.model_id = sub
         sd = {k: v.detach().cpu().contiguous() for k, v in self.trainable_state_dict().items()}
+        self.checkpoint_hash = weights_hash(sd)  # the weights may have been trained since __init__
         save_file(sd, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "ma_agiqa_config": cfg.name})
         (directory / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         return directory
