@@ -39,3 +39,21 @@ def _is_package_model(model_id: str) -> bool:
     return "/" not in model_id and not os.path.isdir(model_id) and importlib.util.find_spec(
         model_id.replace("-", "_")
     ) is not None
+
+
+def fingerprint(model_id: str, base_dir: str | None = None, revision: str | None = None) -> str:
+    """Identifies the weights an id points to: for a local folder its config and the names and sizes of
+    its weight files (two checkpoints both saying "semantic" differ here); for a hub id, id and revision."""
+    import hashlib
+    from pathlib import Path
+
+    path = Path(resolve(model_id, base_dir))
+    h = hashlib.sha256()
+    if path.is_dir():
+        h.update((path / "config.json").read_bytes() if (path / "config.json").exists() else b"")
+        for f in sorted(path.glob("*")):
+            if f.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+                h.update(f"{f.name}:{f.stat().st_size}".encode())
+    else:
+        h.update(f"{model_id}@{revision}".encode())
+    return h.hexdigest()[:16]

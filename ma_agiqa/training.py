@@ -94,7 +94,12 @@ def semantic_features(model_ref: str, cfg, df: pd.DataFrame, root: Path, address
     the semantic branch; only rows the cache lacks are scored."""
     from jobs import score
 
-    directory = root / "semantic" / cfg.semantic.prompt_hash()
+    from .hub import fingerprint
+    from .model import checkpoint_dir
+
+    base = checkpoint_dir(model_ref)
+    weights = fingerprint(cfg.semantic.model_id, str(base) if base else None, cfg.semantic.revision)
+    directory = root / "semantic" / f"{cfg.semantic.prompt_hash()}-{weights}"
     from .storage import read_column
 
     have = set(read_column(str(directory), "image_id").to_pylist())

@@ -270,3 +270,16 @@ def test_the_shipped_offline_checkpoint_scores_real_quality(agiqa_dir):
     scores = model.score_images(images, prompts)["score"].numpy()
     mos = labels.loc[[p.name for p in sample], "mos_quality"].to_numpy()
     assert stats.spearmanr(scores, mos)[0] > 0.5
+
+
+def test_weights_fingerprint_tells_local_models_apart(tmp_path, tiny_model):
+    from ma_agiqa.hub import fingerprint
+
+    tiny_model.save_pretrained(tmp_path / "a")
+    same = fingerprint("semantic", str(tmp_path / "a"))
+    assert same == fingerprint("builtin:tiny-random-vlm")  # the copy in the checkpoint is the same model
+    cfg = json.loads((tmp_path / "a" / "semantic" / "config.json").read_text())
+    cfg["text_config"]["num_hidden_layers"] = 1
+    (tmp_path / "a" / "semantic" / "config.json").write_text(json.dumps(cfg))
+    assert fingerprint("semantic", str(tmp_path / "a")) != same
+    assert fingerprint("llava-hf/llava-1.5-7b-hf") != fingerprint("llava-hf/llava-1.5-7b-hf", revision="abc")
