@@ -36,7 +36,7 @@ def reference_style_semantic(model, images, batch_size):
     """What the reference does per batch: the full model with hidden states and logits, once per prompt,
     the whole batch twice."""
     ex = model.semantic
-    full = ex.model  # the base model is what we keep; rebuild a full forward through the LM head
+    full = ex.model  # the extractor keeps the base model only; the LM head comes from a full copy
     lm_head = getattr(ex, "_bench_lm_head", None)
     for i in range(0, len(images), batch_size):
         chunk = images[i : i + batch_size]
@@ -81,9 +81,10 @@ def main():
             sem = [model.semantic(c) for c in chunks]
         else:
             sem = [{} for _ in chunks]
-        results["quality + MoE on cached semantic vectors"] = rate(
-            lambda: [model(v, s) for v, s in zip(views, sem)] if model.prompt_encoder is None else None, len(images)
-        )
+        if model.prompt_encoder is None:
+            results["quality + MoE on cached semantic vectors"] = rate(
+                lambda: [model(v, s) for v, s in zip(views, sem)], len(images)
+            )
         results["whole model from decoded images"] = rate(lambda: [model.score_images(c) for c in chunks], len(images))
     out = {
         "model": args.model, "images": len(images), "batch_size": bs, "threads": torch.get_num_threads(),
