@@ -32,6 +32,11 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--scheduler", choices=["cosine-iter", "cosine-epoch"], default=None,
+                   help="cosine-iter: the reference's CosineAnnealingLR(T_max) stepped per iteration")
+    p.add_argument("--t-max", type=int, default=None)
+    p.add_argument("--normalize-mos", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on (mos - mean) / std of the training split (--no-normalize-mos: raw MOS)")
     p.add_argument("--limit", type=int, default=None, help="use the first N rows of each split (smoke runs)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/ma_agiqa/features)")
@@ -60,11 +65,15 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
     if args.limit:
         train_df, val_df = train_df.head(args.limit), val_df.head(args.limit)
     torch.manual_seed(0)
-    model = create_model(args.model, with_semantic=False)
+    # A registered name trains from scratch, even where trained heads ship with it; a directory fine-tunes.
+    model = create_model(args.model, with_semantic=False, shipped=False)
     t = model.cfg.train
     t.epochs = args.epochs or t.epochs
     t.lr = args.lr or t.lr
     t.batch_size = args.batch_size or t.batch_size
+    t.scheduler = args.scheduler or t.scheduler
+    t.t_max = args.t_max or t.t_max
+    t.normalize_mos = t.normalize_mos if args.normalize_mos is None else args.normalize_mos
     train_in, stats_train = prepare(model, args.model, train_df, args.cache_dir, args.address)
     val_in, stats_val = prepare(model, args.model, val_df, args.cache_dir, args.address)
     result = train(model, train_in, val_in)

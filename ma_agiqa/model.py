@@ -164,13 +164,15 @@ def create_model(
     device: str | torch.device = "cpu",
     with_semantic: bool = True,
     with_prompt: bool = True,
+    shipped: bool = True,
     **overrides,
 ) -> MAAGIQA:
-    """A registered config by name (fresh or with its shipped checkpoint) or a checkpoint directory.
+    """A registered config by name (with its shipped checkpoint if it has one and ``shipped``; else freshly
+    initialised) or a checkpoint directory.
 
     ``with_semantic=False`` skips loading the MLLM (for training against cached features, or a quality-only
     stage); ``overrides`` replace top-level config fields (e.g. ``semantic=...``)."""
-    directory = checkpoint_dir(name_or_dir)
+    directory = checkpoint_dir(name_or_dir) if shipped else _directory(name_or_dir)
     if directory is not None and not overrides:
         return from_pretrained(directory, device, with_semantic, with_prompt)
     cfg = get_config(str(name_or_dir))
@@ -208,12 +210,14 @@ def shipped_checkpoint(name: str) -> Path | None:
     return path if (path / CONFIG_FILE).is_file() else None
 
 
+def _directory(name_or_dir: str | os.PathLike) -> Path | None:
+    path = Path(name_or_dir)
+    return path if (path / CONFIG_FILE).is_file() else None
+
+
 def checkpoint_dir(name_or_dir: str | os.PathLike) -> Path | None:
     """The checkpoint directory a model reference points to (a directory, or a name with shipped weights)."""
-    path = Path(name_or_dir)
-    if (path / CONFIG_FILE).is_file():
-        return path
-    return shipped_checkpoint(str(name_or_dir))
+    return _directory(name_or_dir) or shipped_checkpoint(str(name_or_dir))
 
 
 def load_config(name_or_dir: str | os.PathLike) -> ModelConfig:

@@ -261,6 +261,8 @@ def test_the_shipped_offline_checkpoint_scores_real_quality(agiqa_dir):
     assert directory is not None
     model = create_model("ma-agiqa-offline")
     assert model.model_id == ma_agiqa.from_pretrained(directory).model_id
+    # training starts from scratch, not from the shipped heads
+    assert create_model("ma-agiqa-offline", shipped=False).model_id != model.model_id
     labels = pd.read_csv(agiqa_dir / "labels.csv").set_index("name")
     from helpers import SAMPLE
 
