@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python -m jobs.score --manifest s3://... --output s3://...
 
 Without --address (and without RAY_ADDRESS, which `ray job submit` sets) it starts a local Ray.
-Re-running the same command resumes: only rows whose image_id is not yet in the output are scored.
+Re-running the same command resumes: only rows whose image_id the output does not hold for this model (config
+name @ weights hash) are scored, so one score table can also collect the scores of several models.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ma_agiqa.storage import (
     expand_manifest,
     join_uri,
     read_column,
+    read_columns,
     read_manifest_schema,
     write_json,
 )
@@ -52,6 +54,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows-per-file", type=int, default=5000, help="rows per output Parquet part")
     p.add_argument("--s3-endpoint", default=None, help="endpoint of an S3-compatible store (sets AWS_ENDPOINT_URL)")
     return p.parse_args(argv)
+
+
+def scored_ids(output_uri: str, model_id: str) -> pa.Array:
+    """The image ids ``output_uri`` already holds a row for, scored by ``model_id`` (ok or error)."""
+    import pyarrow.compute as pc
+
+    done = read_columns(output_uri, ["image_id", "model"])
+    return done.filter(pc.equal(done["model"], model_id))["image_id"].combine_chunks()
 
 
 def plan(args) -> tuple[JobSpec, list[str], str]:
@@ -144,9 +154,12 @@ def run(args) -> dict:
     import ray
     import ray.data
 
+    from ma_agiqa.model import model_id
+
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
     spec, files, fmt = plan(args)
+    scorer = model_id(args.model)  # what the model column of this run's rows will say
     init_ray(args.address, args.s3_endpoint)
     started = time.time()
 
@@ -162,13 +175,13 @@ def run(args) -> dict:
     if args.limit is not None:
         ds = ds.limit(args.limit)
     ds = ds.map_batches(AssignIds(spec), batch_format="pyarrow")
-    done = read_column(args.output, "image_id").combine_chunks()
+    done = scored_ids(args.output, scorer)
     # The rows still to score, read once: counting them decides whether any model needs to load, and the
     # pipeline then starts from these blocks instead of reading the manifest again.
     todo = ds.map_batches(DropDone(done), batch_format="pyarrow").materialize()
     n_todo = todo.count()
     summary = {
-        "manifest": args.manifest, "output": args.output, "model": args.model,
+        "manifest": args.manifest, "output": args.output, "model": args.model, "model_id": scorer,
         "already_scored": len(done), "to_score": n_todo,
     }
     if n_todo:

@@ -228,6 +228,19 @@ def load_config(name_or_dir: str | os.PathLike) -> ModelConfig:
     return get_config(str(name_or_dir))
 
 
+def model_id(name_or_dir: str | os.PathLike) -> str:
+    """The ``model`` value a scoring run with this model writes (config name @ weights hash): what resume and
+    curation compare score rows with. A checkpoint's is read from its weights file without building it."""
+    directory = checkpoint_dir(name_or_dir)
+    if directory is None:
+        return create_model(name_or_dir, with_semantic=False, with_prompt=False).model_id
+    cfg = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    sd = load_file(str(directory / WEIGHTS_FILE))
+    if cfg.quality.freeze_backbone and cfg.quality.pretrained is not None:  # as trainable_state_dict() does
+        sd = {k: v for k, v in sd.items() if not k.startswith("quality.backbone.")}
+    return f"{cfg.name}@{weights_hash(sd)}"
+
+
 def load_semantic(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu") -> SemanticExtractor:
     """Only the semantic branch of a model, for a pipeline stage of its own."""
     cfg = load_config(name_or_dir)

@@ -266,8 +266,9 @@ class ScoreRows:
 
 
 class WriteParts:
-    """Writes each batch of score rows as one Parquet part, named by a hash of its ids so that a retried
-    write replaces its own file; returns one line of counts per part for the job's summary."""
+    """Writes each batch of score rows as one Parquet part, named by a hash of its model and ids so that a
+    retried write replaces its own file (and another model's scores of the same images never do); returns one
+    line of counts per part for the job's summary."""
 
     def __init__(self, output_uri: str):
         self.output_uri = output_uri
@@ -275,7 +276,8 @@ class WriteParts:
     def __call__(self, table: pa.Table) -> pa.Table:
         if len(table) == 0:
             return pa.table({"rows": pa.array([], pa.int64()), "ok": pa.array([], pa.int64()), "errors": pa.array([], pa.string())})
-        digest = hashlib.sha1("\n".join(sorted(table["image_id"].to_pylist())).encode()).hexdigest()[:20]
+        keys = [table["model"][0].as_py(), *sorted(table["image_id"].to_pylist())]
+        digest = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:20]
         write_part_atomically(table, self.output_uri, f"part-{digest}.parquet")
         ok = int(pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0)
         kinds = Counter(e.split(":", 1)[0] for e in table["error"].to_pylist() if e is not None)

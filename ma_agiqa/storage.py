@@ -152,11 +152,16 @@ def list_parts(output_uri: str) -> list[str]:
 
 def read_column(output_uri: str, column: str) -> pa.ChunkedArray:
     """One column of every finished part file (the ids already scored, say)."""
+    return read_columns(output_uri, [column])[column]
+
+
+def read_columns(output_uri: str, columns: list[str]) -> pa.Table:
+    """Some columns of every finished part file; an empty string table where there are none yet."""
     fs, _ = fsspec.core.url_to_fs(output_uri)
     parts = list_parts(output_uri)
     if not parts:
-        return pa.chunked_array([], pa.string())
-    return pq.ParquetDataset(parts, filesystem=fs).read(columns=[column])[column]
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    return pq.ParquetDataset(parts, filesystem=fs).read(columns=columns)
 
 
 def write_part_atomically(table: pa.Table, output_uri: str, name: str) -> str:
@@ -183,3 +188,10 @@ def write_json(obj_text: str, uri: str) -> None:
 def join_uri(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
+
+
+def remove_tree(uri: str) -> None:
+    """Removes a file or a directory tree if it exists (a re-run's previous output)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
