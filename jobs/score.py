@@ -34,10 +34,8 @@ log = logging.getLogger("jobs.score")
 SUMMARY_FILE = "_summary.json"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__.split("\n")[0])
-    p.add_argument("--manifest", required=True, help="a Parquet/CSV/JSONL file, a directory or a glob (local, file://, s3://, gs://)")
-    p.add_argument("--output", required=True, help="directory URI of the score table (Parquet parts)")
+def add_scoring_args(p: argparse.ArgumentParser) -> None:
+    """The options of a scoring run besides its manifest and output (shared with jobs.curate)."""
     p.add_argument("--model", default="tiny-random", help="a registered model name or a checkpoint directory")
     p.add_argument("--image-root", default=None, help="URI that relative manifest uris are resolved against")
     p.add_argument("--address", default=None, help="Ray address; default RAY_ADDRESS, else a local Ray")
@@ -51,8 +49,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-column", default="prompt", help="manifest column with the generation prompt (for a prompt expert)")
     p.add_argument("--keep-features", action="store_true", help="also write the semantic vectors (float16)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N manifest rows")
-    p.add_argument("--rows-per-file", type=int, default=5000, help="rows per output Parquet part")
     p.add_argument("--s3-endpoint", default=None, help="endpoint of an S3-compatible store (sets AWS_ENDPOINT_URL)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__.split("\n")[0])
+    p.add_argument("--manifest", required=True, help="a Parquet/CSV/JSONL file, a directory or a glob (local, file://, s3://, gs://)")
+    p.add_argument("--output", required=True, help="directory URI of the score table (Parquet parts)")
+    add_scoring_args(p)
+    p.add_argument("--rows-per-file", type=int, default=5000, help="rows per output Parquet part")
     return p.parse_args(argv)
 
 

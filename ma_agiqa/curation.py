@@ -184,8 +184,13 @@ def connect(memory_limit: str | None = None, temp_dir: str | None = None, thread
 
 
 def _register_filesystems(con, uris: list[str]) -> None:
+    registered = set(con.list_filesystems())
     for scheme in sorted({scheme_of(u) for u in uris} - {"", "file", "local"}):
-        con.register_filesystem(fsspec.filesystem(scheme))
+        fs = fsspec.filesystem(scheme)
+        name = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+        if name not in registered:
+            con.register_filesystem(fs)
+            registered.add(name)
 
 
 def scan(files: list[str], fmt: str, row_order: bool = False) -> str:
@@ -230,7 +235,10 @@ def parse_on(on: str | None) -> tuple[str, str]:
 
 
 def plan(con, scores: str, rules: list, model: str | None = None, metadata: str | None = None, on: str | None = None,
-         unmatched_scores: str = "reject") -> Plan:
+         unmatched_scores: str = "reject", metadata_is_manifest: bool = False) -> Plan:
+    """Checks the options against the tables' schemas. ``metadata_is_manifest``: the metadata is the manifest
+    the scores came from, its ids derived as the scoring job derives them (also the default when it has a
+    ``uri`` column and no join column)."""
     p = Plan(scores=scores, rules=rules, model=model, metadata=metadata, on=parse_on(on), unmatched_scores=unmatched_scores)
     p.score_files, fmt = expand_manifest(scores)
     if fmt != "parquet":
@@ -245,8 +253,8 @@ def plan(con, scores: str, rules: list, model: str | None = None, metadata: str 
         _register_filesystems(con, p.metadata_files)
         p.metadata_columns = [r[0] for r in con.execute(
             f"DESCRIBE SELECT * FROM {scan(p.metadata_files, p.metadata_format)}").fetchall()]
-        if p.on[1] not in p.metadata_columns:
-            if p.on == ("image_id", "image_id") and "uri" in p.metadata_columns:
+        if metadata_is_manifest or p.on[1] not in p.metadata_columns:
+            if p.on[0] == "image_id" and "uri" in p.metadata_columns:
                 p.derive_key = True
             else:
                 raise CurationError(
@@ -367,6 +375,8 @@ def run_filter(
     rows_per_file: int = 1_000_000,
     memory_limit: str | None = None,
     temp_dir: str | None = None,
+    metadata_is_manifest: bool = False,
+    extra_summary: dict | None = None,
 ) -> dict:
     """Writes OUTPUT/kept/ (the curated manifest), OUTPUT/rejected/ (with rejected_by, reason), OUTPUT/groups.parquet
     (per group counts, with a ``per`` rule) and OUTPUT/_summary.json, last: its presence marks a finished run."""
@@ -374,7 +384,7 @@ def run_filter(
 
     started = time.time()
     con = connect(memory_limit, temp_dir)
-    p = plan(con, scores, rules, model, metadata, on, unmatched_scores)
+    p = plan(con, scores, rules, model, metadata, on, unmatched_scores, metadata_is_manifest)
     chosen, models = select_model(con, p)
     for name in (SUMMARY_FILE, KEPT_DIR, REJECTED_DIR, GROUPS_FILE):  # a re-run replaces the previous result
         remove_tree(join_uri(output, name))
@@ -388,6 +398,7 @@ def run_filter(
     by_rule = dict(con.execute("SELECT _rejected_by, count(*) FROM curated WHERE _rejected_by IS NOT NULL "
                                "GROUP BY 1 ORDER BY 1").fetchall())
     summary = {
+        **(extra_summary or {}),
         "scores": scores, "metadata": metadata, "output": output, "model": chosen,
         "models_in_table": models, "rules": [r.describe() for r in rules],
         "rows": kept + rejected, "kept": kept, "rejected": rejected, "rejected_by": by_rule,
@@ -429,7 +440,7 @@ def _group_report(con, per: str, rule_names: list[str], groups_uri: str) -> dict
     """Per group: rows, kept, and rejected by each rule; in the summary when there are few groups, always
     in groups.parquet."""
     counts = ", ".join(
-        [f"count(*) FILTER (WHERE _rejected_by IS NULL) AS kept"]
+        ["count(*) FILTER (WHERE _rejected_by IS NULL) AS kept"]
         + [f"count(*) FILTER (WHERE _rejected_by = {literal(r)}) AS {quote('rejected_' + r)}" for r in rule_names]
     )
     table = con.sql(

@@ -206,3 +206,23 @@ def test_a_rerun_replaces_the_previous_result(tmp_path):
     assert len(kept) == 6 and len(rejected) == 2
     with pytest.raises(CurationError):
         filter_job.run(filter_job.parse_args(["--scores", scores, "--output", str(tmp_path / "o"), "--per", "prompt"]))
+
+
+def test_scores_and_metadata_on_s3(tmp_path, s3_server):
+    """The filter reads and writes object storage through the same fsspec filesystems as the scoring job."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("curation")
+    local = write_scores(tmp_path / "s", ROWS)
+    fs.put(f"{local}/part-0.parquet", "curation/scores/part-0.parquet")
+    fs.pipe("curation/meta.jsonl", b"".join(
+        json.dumps({"image_id": i, "generator": g}).encode() + b"\n" for i, g in [("a1", "sd"), ("b1", "mj"), ("c1", "sd")]))
+    summary = filter_job.run(filter_job.parse_args([
+        "--scores", "s3://curation/scores/", "--metadata", "s3://curation/meta.jsonl", "--output", "s3://curation/out",
+        "--top-k", "1", "--per", "generator"]))
+    kept = read_table("curation/out/kept", filesystem=fs).to_pylist()
+    assert [(r["image_id"], r["generator"]) for r in sorted(kept, key=lambda r: r["image_id"])] == [("a1", "sd"), ("b1", "mj")]
+    assert summary["rejected_by"] == {"no_metadata": 5, "top_k": 1}
+    assert json.loads(fs.cat("curation/out/_summary.json"))["kept"] == 2
+    assert not [p for p in fs.find("curation/out") if "/." in p]  # no temporary object left behind

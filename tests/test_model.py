@@ -6,7 +6,7 @@ import torch
 
 import ma_agiqa
 from ma_agiqa import create_model, get_config, list_models
-from ma_agiqa.config import ExpertConfig, MoEConfig, ModelConfig, SemanticConfig
+from ma_agiqa.config import ExpertConfig, MoEConfig, ModelConfig
 from ma_agiqa.images import QualityViews
 from ma_agiqa.moe import MoEHead
 from ma_agiqa.semantic import SemanticExtractor, load_vlm, pool_hidden

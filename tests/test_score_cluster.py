@@ -10,9 +10,8 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
-from helpers import REPO, SAMPLE, read_table, sample_rows
+from helpers import REPO, read_table, sample_rows
 from ma_agiqa.schema import validate_score_table
 
 

@@ -6,7 +6,6 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from helpers import SAMPLE, bad_files, read_table, sample_rows
 from jobs import score
@@ -14,29 +13,6 @@ from ma_agiqa.images import decode_image
 from ma_agiqa.schema import validate_score_table
 
 EXPERTS = ["coherence", "semantic", "quality"]
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto's S3 server on 127.0.0.1, started before Ray so that its workers inherit the endpoint."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,71 @@
+"""The scheduled curation run: score what is new in a manifest, append it to the score table, then filter.
+
+    python -m jobs.curate --manifest URI --scores URI --output URI [--model NAME_OR_DIR] [filter options]
+
+1. Scores, with jobs.score, only the manifest rows the score table does not hold for this model (config name
+   and weights hash), appending them to the table. A second run in a row scores nothing and loads no model.
+2. Filters the manifest's images with jobs.filter's rules, joined with the manifest itself as metadata (its
+   ids derived as the scoring job derives them). Scores of images of other manifests are out of scope
+   (counted in the summary, not written).
+
+OUTPUT/_summary.json holds the scoring run's summary under "scoring" and the filter's beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jobs import score
+from jobs.filter import add_rule_args, rules_from
+from ma_agiqa.curation import CurationError, run_filter
+from ma_agiqa.storage import ManifestError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.curate", description=__doc__.split("\n")[0])
+    p.add_argument("--manifest", required=True, help="the corpus: a Parquet/CSV/JSONL file, directory or glob")
+    p.add_argument("--scores", required=True, help="the score table to complete (created if missing)")
+    p.add_argument("--output", required=True, help="where the curated manifest, the rejected rows and the summary go")
+    score.add_scoring_args(p)
+    add_rule_args(p)
+    args = p.parse_args(argv)
+    if args.metadata:
+        p.error("--metadata: jobs.curate joins the manifest itself; use jobs.filter for another table")
+    return args
+
+
+def scoring_args(args) -> argparse.Namespace:
+    argv = ["--manifest", args.manifest, "--output", args.scores]
+    parsed = score.parse_args(argv)
+    for name in vars(parsed):
+        if name not in ("manifest", "output", "rows_per_file") and hasattr(args, name):
+            setattr(parsed, name, getattr(args, name))
+    return parsed
+
+
+def run(args) -> dict:
+    rules = rules_from(args)  # bad rule options fail before any scoring
+    scored = score.run(scoring_args(args))
+    return run_filter(
+        args.scores, args.output, rules, model=scored["model_id"], metadata=args.manifest, on="image_id",
+        unmatched_scores="ignore", rows_per_file=args.rows_per_file, memory_limit=args.memory_limit,
+        temp_dir=args.temp_dir, metadata_is_manifest=True, extra_summary={"scoring": scored},
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = run(args)
+    except (CurationError, ManifestError, score.JobConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "per_group"}, indent=2, default=str))
+    print(f"scored {summary['scoring']['to_score']} new images; kept {summary['kept']} of {summary['rows']}: "
+          f"{args.output.rstrip('/')}/kept/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
