@@ -1,43 +1,13 @@
 """jobs.filter on hand-made score tables: each rule, their composition, ties, and the join's edge cases."""
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from helpers import read_table
+from helpers import T0, read_table, write_scores
 from jobs import filter as filter_job
 from ma_agiqa.curation import CurationError
-from ma_agiqa.schema import score_schema
 from ma_agiqa.storage import stable_id
-
-EXPERTS = ["coherence", "semantic", "quality"]
-T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
-
-
-def write_scores(path, rows, model="tiny-random@567bfeb48b9e", keep=("prompt",)):
-    """A score table in the job's schema from short rows: (image_id, score or None for an error row, prompt)
-    or dicts that override any column."""
-    schema = score_schema(EXPERTS, {c: pa.string() for c in keep})
-    full = []
-    for r in rows:
-        if not isinstance(r, dict):
-            r = dict(zip(("image_id", "score", "prompt"), r))
-        ok = r.get("score") is not None
-        full.append({
-            "image_id": r["image_id"], "uri": r.get("uri", f"images/{r['image_id']}.jpg"), "score": r.get("score"),
-            "gate_coherence": 0.3 if ok else None, "gate_semantic": 0.3 if ok else None,
-            "gate_quality": r.get("gate_quality", 0.4 if ok else None),
-            "status": "ok" if ok else "error", "error": None if ok else "missing: no such object",
-            "width": 512 if ok else None, "height": 512 if ok else None,
-            "model": r.get("model", model), "scored_at": r.get("scored_at", T0),
-            **{c: r.get(c) for c in keep},
-        })
-    path.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(full, schema=schema), path / "part-0.parquet")
-    return str(path)
-
 
 def run(tmp_path, scores, *options, expect_rc=0):
     out = tmp_path / "out"
