@@ -14,17 +14,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import ImageError
+
 # 50 megapixels: 7071x7071. Generated images are rarely over 4096x4096 (16.8 MP).
 DEFAULT_MAX_PIXELS = 50_000_000
-
-
-class ImageError(ValueError):
-    """A per-image failure. ``kind`` is one of: empty, not_image, truncated, too_large, bad_mode."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
-        self.message = message
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

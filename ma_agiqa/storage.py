@@ -14,7 +14,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .images import ImageError
+from .errors import ImageError
 
 REMOTE_SCHEMES = {"s3", "s3a", "gs", "gcs", "http", "https"}
 LOCAL_SCHEMES = {"", "file", "local"}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs import score
+from jobs import curate, score
 from ma_agiqa import list_models
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
@@ -68,6 +68,20 @@ def test_sample_submit_script_is_valid_bash_and_runs_the_job():
     assert (Path(__file__).resolve().parents[1] / args.manifest).is_file()
 
 
-@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml", "aws-cluster.yaml", "runtime_env.yaml"])
+def test_curate_cronjob_submits_a_real_curate_command_to_the_raycluster():
+    spec = yaml.safe_load((CLUSTER / "curate-cronjob.yaml").read_text())
+    assert spec["kind"] == "CronJob" and spec["spec"]["concurrencyPolicy"] == "Forbid"
+    (container,) = spec["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    submit, command = container["args"][0].split(" -- ", 1)
+    cluster = yaml.safe_load((CLUSTER / "raycluster.yaml").read_text())["metadata"]["name"]
+    assert f"--address http://{cluster}-head-svc:8265" in submit and "--submission-id" in submit
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "jobs.curate"] and importlib.util.find_spec("jobs.curate") is not None
+    args = curate.parse_args(argv[3:])  # exits (fails the test) on an unknown flag
+    assert args.model in list_models() and args.per == "prompt" and args.scores.startswith("s3://")
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml", "aws-cluster.yaml", "runtime_env.yaml",
+                                  "curate-cronjob.yaml"])
 def test_documented_in_the_cluster_readme(name):
     assert name in (CLUSTER / "README.md").read_text()
