@@ -137,7 +137,10 @@ def errors_table(con) -> list[tuple[str, int]]:
 def errors_chart(kinds: list[tuple[str, int]]) -> str:
     fig, ax = _figure(7.5, max(1.4, 0.3 * len(kinds) + 0.8))
     if kinds:
+        from matplotlib.ticker import MaxNLocator
+
         ax.barh([k for k, _ in kinds][::-1], [n for _, n in kinds][::-1], color="#c0392b")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("error rows by kind")
     else:
         ax.text(0.5, 0.5, "no error rows", ha="center", va="center", transform=ax.transAxes)
