@@ -13,10 +13,11 @@ import sys
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--dataset", default="agiqa3k")
+    p.add_argument("--dataset", default="agiqa3k", choices=["agiqa3k", "agiqa1k", "aigciqa2023", "aigiqa20k"],
+                   help="the label file's layout (ma_agiqa/datasets.py)")
     p.add_argument("--data-root", required=True)
     p.add_argument("--labels", default=None)
-    p.add_argument("--target", default="quality")
+    p.add_argument("--target", default="quality", help="quality; agiqa3k: or align; aigciqa2023: or authenticity, correspondence")
     p.add_argument("--split", default="val", choices=["train", "val", "test", "all"])
     p.add_argument("--output", default=None, help="where to write the JSON (default: print only)")
     p.add_argument("--cache-dir", default=None)

@@ -2,15 +2,19 @@
 
     python -m jobs.train --dataset agiqa3k --data-root DIR --model CONFIG_OR_DIR --output DIR
         [--split-file F | --split-seed S [--split-by-prompt]] [--epochs N] [--repeats K] [--address ADDR]
+        [--workers N [--gpu]]
 
 Writes a checkpoint directory (loadable by from_pretrained and by jobs.score --model DIR), metrics.json
 (per-epoch train/val SRCC, PLCC, loss) and the config used. With --repeats K: K seeded random splits, each
-in OUTPUT/repeat-<k>, and the median and spread of the best val metrics in OUTPUT/metrics.json.
+in OUTPUT/repeat-<k>, and the median and spread of the best val metrics in OUTPUT/metrics.json. With
+--workers N the same training loop runs data-parallel on N Ray Train workers (TorchTrainer, one GPU each with
+--gpu) of the local Ray or the cluster at --address: each step equals the single-process step.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -20,10 +24,11 @@ import pandas as pd
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="agiqa3k")
+    p.add_argument("--dataset", default="agiqa3k", choices=["agiqa3k", "agiqa1k", "aigciqa2023", "aigiqa20k"],
+                   help="the label file's layout (ma_agiqa/datasets.py)")
     p.add_argument("--data-root", required=True)
     p.add_argument("--labels", default=None, help="label file (default: the dataset's own under --data-root)")
-    p.add_argument("--target", default="quality", help="agiqa3k: quality or align")
+    p.add_argument("--target", default="quality", help="quality; agiqa3k: or align; aigciqa2023: or authenticity, correspondence")
     p.add_argument("--model", required=True, help="a registered config or a checkpoint directory to fine-tune")
     p.add_argument("--output", required=True)
     p.add_argument("--split-file", default=None, help="CSV with image_id,split columns")
@@ -40,7 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="use the first N rows of each split (smoke runs)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/ma_agiqa/features)")
-    p.add_argument("--address", default=None, help="Ray address for the MLLM feature extraction")
+    p.add_argument("--address", default=None, help="Ray address for the MLLM feature extraction and --workers")
+    p.add_argument("--workers", type=int, default=1,
+                   help="data-parallel Ray Train workers (TorchTrainer); 1: this process alone")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on a GPU (one per worker); default: when one is visible (single process) / off (workers)")
     return p.parse_args(argv)
 
 
@@ -76,10 +85,24 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
     t.normalize_mos = t.normalize_mos if args.normalize_mos is None else args.normalize_mos
     train_in, stats_train = prepare(model, args.model, train_df, args.cache_dir, args.address)
     val_in, stats_val = prepare(model, args.model, val_df, args.cache_dir, args.address)
-    result = train(model, train_in, val_in)
-    model.save_pretrained(output)
+    if args.workers > 1:
+        import ray
+
+        from ma_agiqa.training import train_distributed
+
+        ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
+        result = train_distributed(args.model, vars(t), train_in, val_in, output, args.workers, use_gpu=bool(args.gpu))
+        from ma_agiqa.model import model_id
+
+        checkpoint = model_id(output)
+    else:
+        gpu = torch.cuda.is_available() if args.gpu is None else args.gpu
+        model.to("cuda" if gpu else "cpu")
+        result = train(model, train_in, val_in)
+        model.save_pretrained(output)
+        checkpoint = model.model_id
     metrics = {
-        "dataset": args.dataset, "model": args.model, "checkpoint": model.model_id,
+        "dataset": args.dataset, "model": args.model, "checkpoint": checkpoint, "workers": args.workers,
         "n_train": len(train_df), "n_val": len(val_df), "cache": {"train": stats_train, "val": stats_val}, **result,
     }
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -19,10 +19,18 @@ def _join(root: str, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts)
 
 
-def _image_dir(root: str, sub: str, probe: str) -> str:
-    """``root/sub`` if the probe image is there, else ``root`` (the public archives differ on this)."""
+def _image_dir(root: str, sub: str | list[str], probe: str) -> str:
+    """The first ``root/sub`` that holds the probe image, else ``root`` (the public archives differ on this)."""
     fs, _ = fsspec.core.url_to_fs(root)
-    return _join(root, sub) if fs.exists(_join(root, sub, probe)) else root
+    for d in [sub] if isinstance(sub, str) else sub:
+        if fs.exists(_join(root, d, probe)):
+            return _join(root, d)
+    return root
+
+
+def _read_csv(uri: str, **kwargs) -> pd.DataFrame:
+    with fsspec.open(uri) as f:
+        return pd.read_csv(f, **kwargs)
 
 
 def load_agiqa3k(root: str, labels: str | None = None, target: str = "quality") -> pd.DataFrame:
@@ -67,7 +75,113 @@ def _first_existing(root: str, names: list[str]) -> str:
     raise FileNotFoundError(f"none of {names} under {root}")
 
 
-LOADERS = {"agiqa3k": load_agiqa3k}
+# AGIQA-1K's file names encode the prompt: <model>_<main object>_<second object>_<place>_<style>.jpg
+# (the database README's table).
+_AGIQA1K_MAIN = ["bird", "cat", "dog", "batman", "snoopy", "teddy bear", "kid", "man", "woman", "alien", "demon", "witch"]
+_AGIQA1K_SECOND = ["driving aircraft", "driving bike", "driving car", "having hamburger", "having icecream",
+                   "having pizza", "playing baseball", "playing football", "playing yoga", "using CD", "using laptop",
+                   "using phone", "wearing coat", "wearing hat", "wearing shirt"]
+_AGIQA1K_PLACE = ["city", "wild"]
+_AGIQA1K_STYLE = ["anime style", "realistic style"]
+
+
+def agiqa1k_prompt(name: str) -> str:
+    """The prompt an AGIQA-1K file name encodes; the parts it cannot decode are left out."""
+    parts = name.rsplit(".", 1)[0].split("_")[1:]
+    words = []
+    for table, value in zip((_AGIQA1K_MAIN, _AGIQA1K_SECOND, _AGIQA1K_PLACE, _AGIQA1K_STYLE), parts):
+        if value.isdigit() and int(value) < len(table):
+            words.append(table[int(value)])
+    return ", ".join([" ".join(words[:2])] + words[2:]) if words else ""
+
+
+def load_agiqa1k(root: str, labels: str | None = None, target: str = "quality") -> pd.DataFrame:
+    """AGIQA-1K (Zhang et al. 2023): ``AIGC_all.csv`` (``Image, Score``) from its repository, or the release's
+    ``AIGC_MOS_Zscore`` table saved as CSV (image name, prompt, MOS by position). Images in ``file/``.
+    Without a prompt column the prompt is decoded from the file name; the generator is its first part
+    (deepai: Stable Diffusion 2.0, dreamStudio: Stable Inpainting 1.0)."""
+    if target != "quality":
+        raise ValueError("AGIQA-1K has one target: 'quality'")
+    labels = labels or _first_existing(root, ["AIGC_all.csv", "AIGC_MOS_Zscore.csv"])
+    df = _read_csv(labels)
+    if list(df.columns[:2]) == ["Image", "Score"]:
+        names, mos, prompts = df["Image"].astype(str), df["Score"], None
+    elif df.shape[1] >= 3:
+        names, prompts, mos = (df.iloc[:, i] for i in range(3))
+        names = names.astype(str)
+    else:
+        raise ValueError(f"{labels}: expected columns Image,Score or name,prompt,MOS; got {list(df.columns)}")
+    images = _image_dir(root, ["file", "images"], names.iloc[0])
+    return pd.DataFrame({
+        "image_id": names.str.rsplit(".", n=1).str[0],
+        "uri": [_join(images, n) for n in names],
+        "mos": mos.astype(float),
+        "prompt": prompts.fillna("").astype(str) if prompts is not None else names.map(agiqa1k_prompt),
+        "generator": names.str.split("_", n=1).str[0],
+        "split": None,
+    })
+
+
+_AIGCIQA2023_TARGETS = {"quality": "quality_mos", "authenticity": "authenticity_mos",
+                        "correspondence": "correspondence_mos", "align": "correspondence_mos"}
+
+
+def load_aigciqa2023(root: str, labels: str | None = None, target: str = "quality") -> pd.DataFrame:
+    """AIGCIQA2023 (Wang et al. 2023): ``AIGCIQA2023.csv`` (``name, prompt, style, class, quality_mos,
+    authenticity_mos, correspondence_mos`` and their stds; MOS on 0-100). Targets: quality, authenticity,
+    correspondence (or align). The label file does not name the six generators; its images come in blocks
+    of 400 (100 prompts x 4) per generator, so ``generator`` is ``model0`` ... ``model5`` by block."""
+    if target not in _AIGCIQA2023_TARGETS:
+        raise ValueError(f"AIGCIQA2023 targets are {sorted(_AIGCIQA2023_TARGETS)}")
+    labels = labels or _first_existing(root, ["AIGCIQA2023.csv"])
+    df = _read_csv(labels)
+    names = df["name"].astype(str)
+    images = _image_dir(root, ["Image/allimg", "allimg", "images", "Image"], names.iloc[0])
+    index = names.str.rsplit(".", n=1).str[0]
+    return pd.DataFrame({
+        "image_id": index,
+        "uri": [_join(images, n) for n in names],
+        "mos": df[_AIGCIQA2023_TARGETS[target]].astype(float),
+        "prompt": df["prompt"].fillna("").astype(str),
+        "generator": [f"model{int(i) // 400}" if i.isdigit() else None for i in index],
+        "split": None,
+    })
+
+
+def load_aigiqa20k(root: str, labels: str | None = None, target: str = "quality") -> pd.DataFrame:
+    """AIGIQA-20K (NTIRE 2024, released as AIGCQA-30K-Image): ``info_train.csv``, ``info_val.csv`` (and
+    ``info_test.csv``) with ``name, prompt, mos`` (0-5), images under ``train/``, ``val/``, ``test/``. The
+    file each row comes from is its split; rows without a MOS (the challenge's withheld test labels) are
+    left out. The generator is the name's prefix (``DALLE2_0000.png`` -> DALLE2)."""
+    if target != "quality":
+        raise ValueError("AIGIQA-20K has one target: 'quality'")
+    fs, _ = fsspec.core.url_to_fs(root)
+    files = [labels] if labels else [_join(root, f"info_{s}.csv") for s in ("train", "val", "test")]
+    frames = []
+    for uri in files:
+        if not labels and not fs.exists(uri):
+            continue
+        df = _read_csv(uri)
+        if "mos" not in df.columns or df["mos"].isna().all():
+            continue
+        split = re.sub(r"^info_|\.csv$", "", posixpath.basename(uri)) if not labels else df.get("split")
+        df = df[df["mos"].notna()]
+        names = df["name"].astype(str)
+        images = _image_dir(root, [split, "images"] if isinstance(split, str) else ["images"], names.iloc[0])
+        frames.append(pd.DataFrame({
+            "image_id": names.str.rsplit(".", n=1).str[0].to_numpy(),
+            "uri": [_join(images, n) for n in names],
+            "mos": df["mos"].astype(float).to_numpy(),
+            "prompt": df["prompt"].fillna("").astype(str).to_numpy(),
+            "generator": names.str.rsplit("_", n=1).str[0].to_numpy(),
+            "split": split if isinstance(split, str) else (split.to_numpy() if split is not None else None),
+        }))
+    if not frames:
+        raise FileNotFoundError(f"no labelled info_train/val/test.csv under {root}")
+    return pd.concat(frames, ignore_index=True)
+
+
+LOADERS = {"agiqa3k": load_agiqa3k, "agiqa1k": load_agiqa1k, "aigciqa2023": load_aigciqa2023, "aigiqa20k": load_aigiqa20k}
 
 
 def load_dataset(name: str, root: str, labels: str | None = None, target: str = "quality") -> pd.DataFrame:

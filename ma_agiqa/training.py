@@ -159,20 +159,22 @@ def prepare(model, model_ref: str, df: pd.DataFrame, root: Path | None = None, a
 def forward_rows(model, inputs: Inputs, idx: np.ndarray, train: bool = False, generator=None):
     """(MOS predictions [b], gates [b, E]) for rows ``idx``; augmented when training."""
     views = model.cfg.quality.views
+    device = next(model.quality.parameters()).device
     if inputs.backbone is not None:
         feats = torch.from_numpy(inputs.backbone[idx]).float()
         if train:
             feats = torch.stack([augment(f.unsqueeze(0), generator, model.cfg.train.aug_p)[0] for f in feats])
-        kwargs = {"backbone_features": feats}
+        kwargs = {"backbone_features": feats.to(device)}
     else:
         px = torch.from_numpy(inputs.pixels[idx])  # [b, V, 3, s, s]
         if train:
             px = torch.stack([augment(p, generator, model.cfg.train.aug_p) for p in px])
-        kwargs = {"views": normalize(px, views)}
-    semantic = {k: torch.from_numpy(v[idx]) for k, v in (inputs.semantic or {}).items()}
+        kwargs = {"views": normalize(px.to(device), views)}
+    semantic = {k: torch.from_numpy(v[idx]).to(device) for k, v in (inputs.semantic or {}).items()}
     emb = present = None
     if inputs.prompt is not None:
-        emb, present = torch.from_numpy(inputs.prompt[idx]), torch.from_numpy(inputs.prompt_present[idx])
+        emb = torch.from_numpy(inputs.prompt[idx]).to(device)
+        present = torch.from_numpy(inputs.prompt_present[idx]).to(device)
     return model(semantic=semantic, prompt_embedding=emb, prompt_present=present, **kwargs)
 
 
@@ -181,14 +183,22 @@ def predict(model, inputs: Inputs, batch_size: int = 64) -> np.ndarray:
     """Scores every row (no last partial batch dropped, unlike the reference's evaluation)."""
     model.eval()
     n = len(inputs.mos)
-    return np.concatenate([forward_rows(model, inputs, np.arange(i, min(n, i + batch_size)))[0].numpy() for i in range(0, n, batch_size)])
+    return np.concatenate([forward_rows(model, inputs, np.arange(i, min(n, i + batch_size)))[0].cpu().numpy() for i in range(0, n, batch_size)])
 
 
-def train(model, train_in: Inputs, val_in: Inputs, log=print) -> dict:
-    """Trains the trainable parts of ``model`` in place; keeps the epoch with the best val SRCC + PLCC."""
+def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, world: int = 1) -> dict:
+    """Trains the trainable parts of ``model`` in place; keeps the epoch with the best val SRCC + PLCC.
+
+    Data parallel when ``world`` > 1 (under torch.distributed, as Ray Train's TorchTrainer sets it up): every
+    worker draws the same batches, computes its share of each (rows rank, rank + world, ...) and the
+    gradients are summed across workers, each share's loss divided by the whole batch's size, so a step is
+    the single-process step and the same code serves both."""
     t = model.cfg.train
     torch.manual_seed(t.seed)
     gen = torch.Generator().manual_seed(t.seed)
+    # One process draws batches and augmentations from one stream (so its runs reproduce the recorded ones);
+    # workers share the batch order and augment their own rows from their own streams.
+    aug_gen = gen if world == 1 else torch.Generator().manual_seed(t.seed + 1 + rank)
     if t.normalize_mos:
         model.cfg.mos_mean, model.cfg.mos_std = float(train_in.mos.mean()), float(train_in.mos.std())
     params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("semantic.", "prompt_encoder."))]
@@ -199,22 +209,31 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print) -> dict:
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs * steps_per_epoch)
     history, best, best_state = [], -float("inf"), None
-    mos = torch.from_numpy(train_in.mos)
+    mos = torch.from_numpy(train_in.mos).to(next(model.quality.parameters()).device)
     for epoch in range(t.epochs):
         model.train()
         started, losses = time.time(), []
         order = torch.randperm(len(mos), generator=gen).numpy()
         train_pred = np.zeros(len(order), np.float32)
         for i in range(0, len(order), t.batch_size):
-            idx = order[i : i + t.batch_size]
-            pred, _ = forward_rows(model, train_in, idx, train=True, generator=gen)
-            train_pred[idx] = pred.detach().numpy()
-            loss = torch.mean(((pred - mos[idx]) / model.cfg.mos_std) ** 2)
+            batch = order[i : i + t.batch_size]
+            idx = batch[rank::world]
             opt.zero_grad()
-            loss.backward()
+            batch_loss = 0.0  # this worker's share of the batch's mean loss
+            if len(idx):
+                pred, _ = forward_rows(model, train_in, idx, train=True, generator=aug_gen)
+                train_pred[idx] = pred.detach().cpu().numpy()
+                loss = torch.sum(((pred - mos[idx]) / model.cfg.mos_std) ** 2) / len(batch)
+                loss.backward()
+                batch_loss = loss.item()
+            losses.append(batch_loss)
+            if world > 1:
+                _sum_gradients(params)
             opt.step()
             sched.step()
-            losses.append(loss.item())
+        if world > 1:  # every worker predicted its own rows: add up the shares for the epoch's figures
+            train_pred = _sum_array(train_pred)
+            losses = _sum_array(np.asarray(losses, np.float64))
         # train metrics from the epoch's own (augmented, train-mode) predictions: a second pass over the
         # training set would cost a third of an epoch
         val_pred = predict(model, val_in)
@@ -232,3 +251,81 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print) -> dict:
     model.eval()
     best_row = history[[h["epoch"] for h in history].index(best_epoch)]
     return {"history": history, "best_epoch": best_epoch, "best": best_row}
+
+
+def _sum_gradients(params) -> None:
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+def _sum_array(values: np.ndarray) -> np.ndarray:
+    import torch.distributed as dist
+
+    tensor = torch.from_numpy(values.copy())
+    dist.all_reduce(tensor)
+    return tensor.numpy()
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train's per-worker loop (jobs.train --workers N): builds the model as the single process does and
+    runs ``train`` on this worker's share; rank 0 reports the checkpoint."""
+    import os
+
+    import ray.train
+    from ray.train import Checkpoint
+
+    from .model import create_model
+
+    from ray.train.torch import get_device
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config.get("threads", 1))
+    torch.manual_seed(0)
+    model = create_model(config["model"], device=get_device(), with_semantic=False, shipped=False)
+    for k, v in config["train"].items():
+        setattr(model.cfg.train, k, v)
+    result = train(model, config["train_in"], config["val_in"], log=(print if rank == 0 else (lambda _: None)),
+                   rank=rank, world=world)
+    metrics = {"best_epoch": result["best_epoch"], **{k: v for k, v in result["best"].items() if k != "epoch"}}
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            with open(os.path.join(tmp, "train_result.json"), "w") as f:
+                json.dump(result, f)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
+
+
+def train_distributed(model_ref: str, train_overrides: dict, train_in: Inputs, val_in: Inputs, output: Path,
+                      workers: int, use_gpu: bool = False, storage: str | None = None) -> dict:
+    """Runs ``train_worker`` on ``workers`` Ray Train workers (the Ray cluster of the caller) and copies the
+    best checkpoint to ``output``; returns what ``train`` returns."""
+    import shutil
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"model": model_ref, "train": train_overrides, "train_in": train_in, "val_in": val_in},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(storage_path=storage or tempfile.mkdtemp(prefix="ma_agiqa_train_")),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as directory:
+        output.mkdir(parents=True, exist_ok=True)
+        for item in Path(directory).iterdir():
+            if item.is_file():
+                shutil.copy2(item, output / item.name)
+            else:
+                shutil.copytree(item, output / item.name, dirs_exist_ok=True)
+    result_file = output / "train_result.json"
+    trained = json.loads(result_file.read_text())
+    result_file.unlink()
+    return trained

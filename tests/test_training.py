@@ -113,3 +113,103 @@ def test_train_cache_evaluate_and_score_agree(local_ray, tmp_path, agiqa_dir, mo
     scored = {r["image_id"]: r["score"] for r in read_table(str(tmp_path / "scores")).to_pylist()}
     for image_id, value in ev["predictions"].items():
         assert scored[image_id] == pytest.approx(value, abs=1e-4)
+
+
+def _images(dirpath, names, agiqa_dir):
+    """Real JPEG bytes under the names a dataset uses (the loaders locate images, they do not decode them)."""
+    dirpath.mkdir(parents=True, exist_ok=True)
+    src = sorted((agiqa_dir / "images").iterdir())
+    for name, real in zip(names, src):
+        os.symlink(real, dirpath / name)
+
+
+def test_agiqa1k_loader_reads_its_published_layouts(tmp_path, agiqa_dir):
+    root = tmp_path / "agiqa1k"
+    names = ["deepai_6_2_0_1.jpg", "dreamStudio_4_9_0_0.jpg", "dreamStudio_8_9_1_.jpg"]
+    _images(root / "file", names, agiqa_dir)
+    (root / "AIGC_all.csv").write_text("Image,Score\n" + "".join(f"{n},{s}\n" for n, s in zip(names, [1.8, 0.4, 2.0])))
+    df = load_dataset("agiqa1k", str(root))
+    assert df["uri"][0] == str(root / "file" / names[0]) and df["mos"].tolist() == [1.8, 0.4, 2.0]
+    assert df["prompt"].tolist() == ["kid driving car, city, realistic style", "snoopy using CD, city, anime style",
+                                     "woman using CD, wild"]  # the last name is malformed in the public file
+    assert df["generator"].tolist() == ["deepai", "dreamStudio", "dreamStudio"] and df["split"].isna().all()
+    # the release's table saved as CSV: name, prompt, MOS by position
+    (root / "AIGC_MOS_Zscore.csv").write_text("Image name,Prompt,MOS\n" + f"{names[0]},a kid in a car,1.5\n")
+    one = load_dataset("agiqa1k", str(root), labels=str(root / "AIGC_MOS_Zscore.csv"))
+    assert one["prompt"][0] == "a kid in a car" and one["mos"][0] == 1.5
+    with pytest.raises(ValueError):
+        load_dataset("agiqa1k", str(root), target="align")
+
+
+def test_aigciqa2023_loader_reads_its_published_layout(tmp_path, agiqa_dir):
+    root = tmp_path / "aigciqa2023"
+    _images(root / "Image" / "allimg", ["0.png", "1.png", "400.png"], agiqa_dir)
+    (root / "AIGCIQA2023.csv").write_text(
+        ",name,prompt,style,class,quality_mos,authenticity_mos,correspondence_mos,quality_std,authenticity_std,correspondence_std\n"
+        "0,0.png,a corgi,Basic,Animals,60.16,47.24,59.98,0.88,1.26,1.35\n"
+        "1,1.png,a corgi,Basic,Animals,54.74,42.48,57.23,1.20,0.85,1.39\n"
+        '400,400.png,"a corgi, again",Basic,Animals,69.89,67.46,66.28,0.76,1.19,1.01\n')
+    df = load_dataset("aigciqa2023", str(root))
+    assert df["image_id"].tolist() == ["0", "1", "400"] and df["mos"].tolist() == [60.16, 54.74, 69.89]
+    assert df["uri"][2] == str(root / "Image" / "allimg" / "400.png") and df["prompt"][2] == "a corgi, again"
+    assert df["generator"].tolist() == ["model0", "model0", "model1"]
+    assert load_dataset("aigciqa2023", str(root), target="correspondence")["mos"][0] == 59.98
+    assert load_dataset("aigciqa2023", str(root), target="authenticity")["mos"][1] == 42.48
+
+
+def test_aigiqa20k_loader_reads_its_published_layout(tmp_path, agiqa_dir):
+    root = tmp_path / "AIGCQA-30K-Image"
+    _images(root / "train", ["DALLE2_0000.png", "SD1.5_0001.png"], agiqa_dir)
+    _images(root / "val", ["MJ_0007.png"], agiqa_dir)
+    (root / "info_train.csv").write_text('name,prompt,mos\nDALLE2_0000.png,"A cyberpunk gopnik, sci-fi",3.66\n'
+                                         "SD1.5_0001.png,a portrait,4.17\n")
+    (root / "info_val.csv").write_text("name,prompt,mos\nMJ_0007.png,a castle,2.99\n")
+    (root / "info_test.csv").write_text("name,prompt\nX_0001.png,withheld\n")  # the challenge's test labels are withheld
+    df = load_dataset("aigiqa20k", str(root))
+    assert df["image_id"].tolist() == ["DALLE2_0000", "SD1.5_0001", "MJ_0007"]
+    assert df["split"].tolist() == ["train", "train", "val"] and df["generator"].tolist() == ["DALLE2", "SD1.5", "MJ"]
+    assert df["uri"][2] == str(root / "val" / "MJ_0007.png") and df["prompt"][0] == "A cyberpunk gopnik, sci-fi"
+    train, val = split_frame(df)
+    assert len(train) == 2 and val["image_id"].tolist() == ["MJ_0007"]
+
+
+def test_ray_train_workers_take_the_single_process_steps(local_ray, tmp_path):
+    """jobs.train --workers 2 runs the same loop on Ray Train's TorchTrainer: without augmentation and
+    dropout (the per-worker randomness) two workers end where one process ends."""
+    import dataclasses
+
+    from ma_agiqa import create_model, from_pretrained
+    from ma_agiqa.training import Inputs, predict, train, train_distributed
+
+    base = create_model("tiny-random", with_semantic=False, shipped=False)
+    start = tmp_path / "start"
+    create_model("tiny-random", with_semantic=False, quality=dataclasses.replace(base.cfg.quality, drop=0.0)).save_pretrained(start)
+    cfg = base.cfg
+    rng = np.random.default_rng(0)
+
+    def inputs(n):
+        s = cfg.quality.views.size
+        return Inputs(
+            mos=rng.normal(3, 1, n).astype(np.float32),
+            pixels=rng.integers(0, 256, (n, 1, 3, s, s), dtype=np.uint8),
+            semantic={p: rng.normal(size=(n, cfg.semantic.hidden_size)).astype(np.float32) for p in cfg.semantic.prompts},
+        )
+
+    train_in, val_in = inputs(10), inputs(6)  # 10 rows, batch 4: the last batch (2 rows) leaves no worker idle
+    overrides = {**vars(cfg.train), "epochs": 2, "batch_size": 4, "aug_p": 0.0, "lr": 1e-3}
+    torch.manual_seed(0)
+    single = create_model(start, with_semantic=False)
+    before = predict(single, val_in)
+    for k, v in overrides.items():
+        setattr(single.cfg.train, k, v)
+    single_result = train(single, train_in, val_in, log=lambda _: None)
+
+    out = tmp_path / "ddp"
+    result = train_distributed(str(start), overrides, train_in, val_in, out, workers=2)
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    assert result["best_epoch"] == single_result["best_epoch"]
+    assert result["history"][0]["loss"] == pytest.approx(single_result["history"][0]["loss"], rel=1e-4)
+    ddp = from_pretrained(out, with_semantic=False)
+    after = predict(ddp, val_in)
+    assert np.allclose(after, predict(single, val_in), atol=1e-4)
+    assert not np.allclose(after, before, atol=1e-3)  # it did train
