@@ -19,7 +19,17 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from ma_agiqa.pipeline import AssignIds, DropDone, FetchDecode, JobSpec, ScoreRows, SemanticFeatures, WriteParts, summarise
+from ma_agiqa.pipeline import (
+    AssignIds,
+    DropDone,
+    FetchDecode,
+    JobSpec,
+    ScoreImages,
+    ScoreRows,
+    SemanticFeatures,
+    WriteParts,
+    summarise,
+)
 from ma_agiqa.storage import (
     ManifestError,
     expand_manifest,
@@ -27,6 +37,8 @@ from ma_agiqa.storage import (
     read_column,
     read_columns,
     read_manifest_schema,
+    read_manifest_table,
+    total_bytes,
     write_json,
 )
 
@@ -41,10 +53,13 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray address; default RAY_ADDRESS, else a local Ray")
     p.add_argument("--batch-size", type=int, default=16, help="images per model batch")
     p.add_argument("--semantic-actors", type=int, default=1, help="actors hosting the MLLM")
-    p.add_argument("--quality-actors", type=int, default=1, help="actors hosting MANIQA + MoE")
+    p.add_argument("--quality-actors", type=int, default=None,
+                   help="actors hosting MANIQA + MoE (the whole model when fused); default 1 with GPUs, else one per CPU (at most 8)")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per model actor (fractions allowed); default 1 if the cluster has GPUs, else 0")
     p.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs reserved per model actor; default 1 with GPUs, 0.5 on CPU only")
     p.add_argument("--threads-per-actor", type=int, default=None, help="torch CPU threads per model actor; default: the CPUs it reserves, at least 1")
+    p.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
+                   help="run both model stages in one actor pool of --quality-actors actors; auto: on when the cluster has no GPU")
     p.add_argument("--keep-columns", default="", help="comma-separated manifest columns to copy into the score table")
     p.add_argument("--prompt-column", default="prompt", help="manifest column with the generation prompt (for a prompt expert)")
     p.add_argument("--keep-features", action="store_true", help="also write the semantic vectors (float16)")
@@ -106,10 +121,19 @@ class JobConfigError(ValueError):
     """Settings that cannot run on this cluster: the job stops before any model loads."""
 
 
-def actor_cpus(args, gpus: float, spec: JobSpec, cluster_cpus: float) -> float:
+def quality_actor_count(args, gpus: float, cluster_cpus: float) -> int:
+    """--quality-actors, else 1 with GPUs and one per CPU (at most 8) without: on CPUs, single-threaded
+    model actors side by side beat one actor with more threads (benchmarks/README.md)."""
+    if args.quality_actors is not None:
+        return args.quality_actors
+    return 1 if gpus > 0 else min(8, max(1, int(cluster_cpus)))
+
+
+def actor_cpus(args, gpus: float, spec: JobSpec, cluster_cpus: float, fused: bool = False) -> float:
     """CPUs reserved per model actor. The actors must leave at least one CPU for the read, decode and
     write tasks, or Ray Data waits forever for room to schedule them."""
-    n_actors = args.quality_actors + (args.semantic_actors if spec.semantic_prompts else 0)
+    n_actors = quality_actor_count(args, gpus, cluster_cpus)
+    n_actors += args.semantic_actors if spec.semantic_prompts and not fused else 0
     room = cluster_cpus - 1
     if args.cpus_per_actor is not None:
         if n_actors * args.cpus_per_actor > room:
@@ -124,14 +148,31 @@ def actor_cpus(args, gpus: float, spec: JobSpec, cluster_cpus: float) -> float:
     return min(wanted, room / n_actors)
 
 
-def read_manifest(files: list[str], fmt: str):
+SMALL_MANIFEST_BYTES = 64 << 20  # read in the driver below this: Ray Data's read tasks cost seconds
+
+
+def rows_to_score(files: list[str], fmt: str, spec: JobSpec, done, limit: int | None):
+    """(Ray Dataset of the manifest rows still to score, their count). A small manifest is read in the
+    driver (Ray Data's read tasks would cost seconds); a large one by Ray Data's parallel readers, read once
+    and materialised: the count decides whether any model needs to load, and the pipeline starts from these
+    blocks instead of reading the manifest again."""
     import ray.data
 
+    if len(files) <= 64 and total_bytes(files) <= SMALL_MANIFEST_BYTES:
+        table = read_manifest_table(files, fmt)
+        table = DropDone(done)(AssignIds(spec)(table.slice(0, limit) if limit is not None else table))
+        return ray.data.from_arrow(table), len(table)
     if fmt == "parquet":
-        return ray.data.read_parquet(files, file_extensions=None)
-    if fmt == "csv":
-        return ray.data.read_csv(files, file_extensions=None)
-    return ray.data.read_json(files, lines=True, file_extensions=None)
+        ds = ray.data.read_parquet(files, file_extensions=None)
+    elif fmt == "csv":
+        ds = ray.data.read_csv(files, file_extensions=None)
+    else:
+        ds = ray.data.read_json(files, lines=True, file_extensions=None)
+    if limit is not None:
+        ds = ds.limit(limit)
+    ds = ds.map_batches(AssignIds(spec), batch_format="pyarrow")
+    todo = ds.map_batches(DropDone(done), batch_format="pyarrow").materialize()
+    return todo, todo.count()
 
 
 def init_ray(address: str | None, s3_endpoint: str | None = None):
@@ -171,21 +212,18 @@ def run(args) -> dict:
     gpus = args.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    cpus = actor_cpus(args, gpus, spec, ray.cluster_resources().get("CPU", 0))
+    fused = args.fuse == "on" or (args.fuse == "auto" and gpus == 0)
+    args.quality_actors = quality_actor_count(args, gpus, ray.cluster_resources().get("CPU", 0))
+    cpus = actor_cpus(args, gpus, spec, ray.cluster_resources().get("CPU", 0), fused)
     # Torch threads per model actor: one per reserved CPU. On CPU-only nodes, more threads than reserved
     # CPUs oversubscribe the cores and were measured slower (benchmarks/README.md): add actors instead.
     threads = args.threads_per_actor or max(1, int(cpus))
 
-    ds = read_manifest(files, fmt)
-    if args.limit is not None:
-        ds = ds.limit(args.limit)
-    ds = ds.map_batches(AssignIds(spec), batch_format="pyarrow")
     done = scored_ids(args.output, scorer)
-    # The rows still to score, read once: counting them decides whether any model needs to load, and the
-    # pipeline then starts from these blocks instead of reading the manifest again.
-    todo = ds.map_batches(DropDone(done), batch_format="pyarrow").materialize()
-    n_todo = todo.count()
+    todo, n_todo = rows_to_score(files, fmt, spec, done, args.limit)
     summary = {
+        "model_stages": "fused" if fused else "separate", "quality_actors": args.quality_actors,
+        "threads_per_actor": threads, "cpus_per_actor": cpus,
         "manifest": args.manifest, "output": args.output, "model": args.model, "model_id": scorer,
         "already_scored": len(done), "to_score": n_todo,
     }
@@ -198,16 +236,17 @@ def run(args) -> dict:
             # decoding into the GPU actors, so that it runs in parallel tasks ahead of them.
             num_cpus=1,
         )
-        actor = dict(batch_size=args.batch_size, batch_format="pyarrow", num_gpus=gpus, num_cpus=cpus)
-        if spec.semantic_prompts:
+        if fused:
+            stages = [(ScoreImages, args.quality_actors)]
+        else:
+            stages = [(SemanticFeatures, args.semantic_actors)] if spec.semantic_prompts else []
+            stages.append((ScoreRows, args.quality_actors))
+        for stage, size in stages:  # fixed-size pools: models load once per actor, not per batch
             todo = todo.map_batches(
-                SemanticFeatures, fn_constructor_args=(spec, gpus, threads),
-                compute=ray.data.ActorPoolStrategy(size=args.semantic_actors, max_tasks_in_flight_per_actor=2), **actor,
+                stage, fn_constructor_args=(spec, gpus, threads), batch_size=args.batch_size, batch_format="pyarrow",
+                num_gpus=gpus, num_cpus=cpus,
+                compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2),
             )
-        todo = todo.map_batches(
-            ScoreRows, fn_constructor_args=(spec, gpus, threads),
-            compute=ray.data.ActorPoolStrategy(size=args.quality_actors, max_tasks_in_flight_per_actor=2), **actor,
-        )
         counts = todo.map_batches(
             WriteParts(args.output), batch_size=args.rows_per_file, batch_format="pyarrow", num_cpus=0.25,
         ).take_all()

@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--t-max", type=int, default=None)
     p.add_argument("--normalize-mos", action=argparse.BooleanOptionalAction, default=None,
                    help="train on (mos - mean) / std of the training split (--no-normalize-mos: raw MOS)")
+    p.add_argument("--backbone", choices=["config", "frozen", "trainable"], default="config",
+                   help="freeze the quality backbone or train it (registered configs; default: as the config says)")
+    p.add_argument("--backbone-lr", type=float, default=None, help="learning rate of a trainable backbone (default: --lr)")
     p.add_argument("--limit", type=int, default=None, help="use the first N rows of each split (smoke runs)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/ma_agiqa/features)")
@@ -75,8 +78,17 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
         train_df, val_df = train_df.head(args.limit), val_df.head(args.limit)
     torch.manual_seed(0)
     # A registered name trains from scratch, even where trained heads ship with it; a directory fine-tunes.
-    model = create_model(args.model, with_semantic=False, shipped=False)
+    overrides = {}
+    if args.backbone != "config":
+        import dataclasses
+
+        from ma_agiqa.model import load_config
+
+        quality = load_config(args.model).quality
+        overrides["quality"] = dataclasses.replace(quality, freeze_backbone=args.backbone == "frozen")
+    model = create_model(args.model, with_semantic=False, shipped=False, **overrides)
     t = model.cfg.train
+    t.backbone_lr = args.backbone_lr or t.backbone_lr
     t.epochs = args.epochs or t.epochs
     t.lr = args.lr or t.lr
     t.batch_size = args.batch_size or t.batch_size
@@ -91,7 +103,8 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
         from ma_agiqa.training import train_distributed
 
         ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
-        result = train_distributed(args.model, vars(t), train_in, val_in, output, args.workers, use_gpu=bool(args.gpu))
+        result = train_distributed(args.model, vars(t), train_in, val_in, output, args.workers, use_gpu=bool(args.gpu),
+                                   model_overrides=overrides)
         from ma_agiqa.model import model_id
 
         checkpoint = model_id(output)

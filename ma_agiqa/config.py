@@ -129,6 +129,7 @@ class TrainConfig:
     normalize_mos: bool = False
     aug_p: float = 0.7
     seed: int = 20
+    backbone_lr: float | None = None  # a trainable backbone's rate (None: lr), lower for pretrained weights
 
 
 @dataclass

@@ -3,6 +3,7 @@ executor. ``jobs/score.py`` runs them on Ray Data; the benchmark's plain loop ru
 ``for`` loop.
 
 manifest rows -> AssignIds -> FetchDecode (CPU) -> SemanticFeatures (GPU) -> ScoreRows (GPU) -> WriteParts
+(ScoreImages runs the two model steps in one actor, for clusters without GPUs.)
 
 Every step keeps every row: a row that fails becomes status "error" with its reason and flows on.
 """
@@ -263,6 +264,19 @@ class ScoreRows:
                 values = table[feature_column(name)].combine_chunks().flatten().to_numpy().astype(np.float16)
                 columns[feature_column(name)] = pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float16()), dim)
         return pa.Table.from_pydict(columns, schema=self.schema)
+
+
+class ScoreImages:
+    """Both model stages in one actor (SemanticFeatures then ScoreRows). On a cluster without GPUs the two
+    stages would only split the same cores between two processes and hand every batch from one to the
+    other; fused, each actor scores its batches end to end and actors add up (jobs.score --fuse)."""
+
+    def __init__(self, spec: JobSpec, num_gpus: float = 0.0, threads: int | None = None):
+        self.semantic = SemanticFeatures(spec, num_gpus, threads) if spec.semantic_prompts else None
+        self.score = ScoreRows(spec, num_gpus, threads)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return self.score(self.semantic(table) if self.semantic else table)
 
 
 class WriteParts:

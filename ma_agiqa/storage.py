@@ -139,6 +139,31 @@ def read_manifest_schema(file_uri: str, fmt: str) -> pa.Schema:
         raise ManifestError(f"cannot read manifest file {file_uri}: {type(e).__name__}: {str(e)[:300]}") from None
 
 
+def total_bytes(files: list[str]) -> int:
+    fs, _ = fsspec.core.url_to_fs(files[0])
+    return sum(fs.size(f) for f in files)
+
+
+def read_manifest_table(files: list[str], fmt: str) -> pa.Table:
+    """Every manifest file read into one table (columns missing from a file are null there)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+
+    tables = []
+    for uri in files:
+        try:
+            with fsspec.open(uri, "rb") as f:
+                if fmt == "parquet":
+                    tables.append(pq.read_table(f))
+                elif fmt == "csv":
+                    tables.append(pacsv.read_csv(f))
+                else:
+                    tables.append(pajson.read_json(f))
+        except Exception as e:  # noqa: BLE001
+            raise ManifestError(f"cannot read manifest file {uri}: {type(e).__name__}: {str(e)[:300]}") from None
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
 # -- output --------------------------------------------------------------------------------------------------
 def list_parts(output_uri: str) -> list[str]:
     fs, path = fsspec.core.url_to_fs(output_uri)

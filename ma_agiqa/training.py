@@ -201,8 +201,12 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
     aug_gen = gen if world == 1 else torch.Generator().manual_seed(t.seed + 1 + rank)
     if t.normalize_mos:
         model.cfg.mos_mean, model.cfg.mos_std = float(train_in.mos.mean()), float(train_in.mos.std())
-    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("semantic.", "prompt_encoder."))]
-    opt = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("semantic.", "prompt_encoder."))]
+    params = [p for _, p in named]
+    backbone = [p for n, p in named if n.startswith("quality.backbone.")]
+    head = [p for n, p in named if not n.startswith("quality.backbone.")]
+    groups = [{"params": head}] + ([{"params": backbone, "lr": t.backbone_lr or t.lr}] if backbone else [])
+    opt = torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
     steps_per_epoch = math.ceil(len(train_in.mos) / t.batch_size)
     if t.scheduler == "cosine-iter":  # the reference: T_max counted in iterations
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.t_max)
@@ -286,7 +290,8 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config.get("threads", 1))
     torch.manual_seed(0)
-    model = create_model(config["model"], device=get_device(), with_semantic=False, shipped=False)
+    model = create_model(config["model"], device=get_device(), with_semantic=False, shipped=False,
+                         **config.get("overrides", {}))
     for k, v in config["train"].items():
         setattr(model.cfg.train, k, v)
     result = train(model, config["train_in"], config["val_in"], log=(print if rank == 0 else (lambda _: None)),
@@ -303,7 +308,8 @@ def train_worker(config: dict) -> None:
 
 
 def train_distributed(model_ref: str, train_overrides: dict, train_in: Inputs, val_in: Inputs, output: Path,
-                      workers: int, use_gpu: bool = False, storage: str | None = None) -> dict:
+                      workers: int, use_gpu: bool = False, storage: str | None = None,
+                      model_overrides: dict | None = None) -> dict:
     """Runs ``train_worker`` on ``workers`` Ray Train workers (the Ray cluster of the caller) and copies the
     best checkpoint to ``output``; returns what ``train`` returns."""
     import shutil
@@ -313,7 +319,8 @@ def train_distributed(model_ref: str, train_overrides: dict, train_in: Inputs, v
 
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"model": model_ref, "train": train_overrides, "train_in": train_in, "val_in": val_in},
+        train_loop_config={"model": model_ref, "train": train_overrides, "train_in": train_in, "val_in": val_in,
+                           "overrides": model_overrides or {}},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(storage_path=storage or tempfile.mkdtemp(prefix="ma_agiqa_train_")),
     )

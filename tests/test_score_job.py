@@ -140,3 +140,8 @@ def test_actor_cpus_always_leave_room_for_decoding():
         score.actor_cpus(explicit, 0.0, spec, 2)
     with pytest.raises(score.JobConfigError, match="at least 2"):
         score.actor_cpus(args, 0.0, spec, 1)
+    # fused (no GPU): the MLLM lives in the quality actors, one per CPU by default
+    assert score.actor_cpus(args, 0.0, spec, 2, fused=True) == pytest.approx(0.5)
+    default = score.parse_args(["--manifest", "m", "--output", "o"])
+    assert score.quality_actor_count(default, 0.0, 2) == 2 and score.quality_actor_count(default, 1.0, 16) == 1
+    assert score.quality_actor_count(default, 0.0, 64) == 8
