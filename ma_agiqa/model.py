@@ -147,7 +147,7 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(state_dict):
         h.update(k.encode())
-        h.update(state_dict[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(state_dict[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too (BatchNorm counters)
     return h.hexdigest()[:12]
 
 

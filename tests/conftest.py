@@ -48,6 +48,17 @@ def tiny_prompt_model():
     return create_model("tiny-random-prompt")
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray with 2 CPUs for one test module (test_score_job overrides it to add S3 settings)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"MA_AGIQA_CACHE": os.environ["MA_AGIQA_CACHE"]}})
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1, started before Ray so that its workers inherit the endpoint."""

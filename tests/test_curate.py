@@ -1,25 +1,13 @@
 """jobs.curate on a real local Ray: the second run in a row scores nothing; a grown manifest scores only its
 new rows."""
 import json
-import os
 import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from helpers import SAMPLE, read_table, sample_rows
 from jobs import curate, score
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"MA_AGIQA_CACHE": os.environ["MA_AGIQA_CACHE"]}})
-    yield
-    ray.shutdown()
 
 
 def write_manifest(path, rows):

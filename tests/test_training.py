@@ -46,16 +46,6 @@ def test_split_by_prompt_keeps_prompts_on_one_side(agiqa_dir):
     assert (given_train["split"] == "train").all() and len(given_val) == (df["split"] == "val").sum()
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"MA_AGIQA_CACHE": os.environ["MA_AGIQA_CACHE"]}})
-    yield
-    ray.shutdown()
-
-
 def test_train_cache_evaluate_and_score_agree(local_ray, tmp_path, agiqa_dir, monkeypatch):
     from jobs import evaluate, score, train
     from ma_agiqa import create_model
