@@ -285,3 +285,12 @@ def test_weights_fingerprint_tells_local_models_apart(tmp_path, tiny_model):
     (tmp_path / "a" / "semantic" / "config.json").write_text(json.dumps(cfg))
     assert fingerprint("semantic", str(tmp_path / "a")) != same
     assert fingerprint("llava-hf/llava-1.5-7b-hf") != fingerprint("llava-hf/llava-1.5-7b-hf", revision="abc")
+
+
+def test_weights_hash_covers_scalar_tensors():
+    """A trainable CNN backbone brings BatchNorm's 0-dim step counters into the checkpoint."""
+    from ma_agiqa.model import weights_hash
+
+    a = weights_hash({"bn.num_batches_tracked": torch.tensor(3), "w": torch.ones(2)})
+    assert a != weights_hash({"bn.num_batches_tracked": torch.tensor(4), "w": torch.ones(2)})
+    assert a == weights_hash({"w": torch.ones(2), "bn.num_batches_tracked": torch.tensor(3)})
