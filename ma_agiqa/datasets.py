@@ -39,8 +39,7 @@ def load_agiqa3k(root: str, labels: str | None = None, target: str = "quality") 
     if target not in ("quality", "align"):
         raise ValueError("AGIQA-3K targets are 'quality' and 'align'")
     labels = labels or _first_existing(root, ["labels.csv", "data.csv"])
-    with fsspec.open(labels) as f:
-        df = pd.read_csv(f)
+    df = _read_csv(labels)
     images = _image_dir(root, "images", df["name"].iloc[0])
     return pd.DataFrame({
         "image_id": df["name"].str.rsplit(".", n=1).str[0],
@@ -48,21 +47,6 @@ def load_agiqa3k(root: str, labels: str | None = None, target: str = "quality") 
         "mos": df[f"mos_{target}"].astype(float),
         "prompt": df["prompt"].fillna("").astype(str),
         "generator": df["name"].str.rsplit("_", n=1).str[0],
-        "split": df["split"] if "split" in df.columns else None,
-    })
-
-
-def load_csv_labels(root: str, labels: str, name_col: str = "name", mos_col: str = "mos",
-                    prompt_col: str | None = "prompt") -> pd.DataFrame:
-    """Any label file with an image-name column and a MOS column (for datasets not listed here)."""
-    with fsspec.open(labels) as f:
-        df = pd.read_csv(f)
-    return pd.DataFrame({
-        "image_id": df[name_col].astype(str).str.rsplit(".", n=1).str[0],
-        "uri": [_join(root, n) for n in df[name_col].astype(str)],
-        "mos": df[mos_col].astype(float),
-        "prompt": df[prompt_col].fillna("").astype(str) if prompt_col and prompt_col in df else "",
-        "generator": df[name_col].astype(str).map(lambda n: re.sub(r"_\d+(\.\w+)?$", "", n)),
         "split": df["split"] if "split" in df.columns else None,
     })
 

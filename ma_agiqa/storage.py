@@ -214,7 +214,6 @@ def join_uri(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-
 def remove_tree(uri: str) -> None:
     """Removes a file or a directory tree if it exists (a re-run's previous output)."""
     fs, path = fsspec.core.url_to_fs(uri)
