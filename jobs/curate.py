@@ -13,13 +13,12 @@ OUTPUT/_summary.json holds the scoring run's summary under "scoring" and the fil
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from jobs import score
+from jobs.cli import USER_ERRORS, run_and_report
 from jobs.filter import add_rule_args, rules_from
-from ma_agiqa.curation import CurationError, run_filter
-from ma_agiqa.storage import ManifestError
+from ma_agiqa.curation import run_filter
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,16 +54,9 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        summary = run(args)
-    except (CurationError, ManifestError, score.JobConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "per_group"}, indent=2, default=str))
-    print(f"scored {summary['scoring']['to_score']} new images; kept {summary['kept']} of {summary['rows']}: "
-          f"{args.output.rstrip('/')}/kept/")
-    return 0
+    return run_and_report(parse_args(argv), run, lambda summary, args: (
+        f"scored {summary['scoring']['to_score']} new images; kept {summary['kept']} of {summary['rows']}: "
+        f"{args.output.rstrip('/')}/kept/"), errors=(*USER_ERRORS, score.JobConfigError))
 
 
 if __name__ == "__main__":

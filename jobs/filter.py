@@ -11,11 +11,10 @@ order, each to the rows the ones before it kept: errors, --min-score, --max-gate
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from ma_agiqa.curation import CurationError, build_rules, run_filter
-from ma_agiqa.storage import ManifestError
+from jobs.cli import run_and_report
+from ma_agiqa.curation import build_rules, run_filter
 
 
 def add_rule_args(p: argparse.ArgumentParser) -> None:
@@ -56,16 +55,9 @@ def run(args, unmatched_scores: str = "reject") -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        summary = run(args)
-    except (CurationError, ManifestError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "per_group"}, indent=2, default=str))
-    print(f"kept {summary['kept']} of {summary['rows']} rows: {args.output.rstrip('/')}/kept/ "
-          f"(rejected rows with their rule in {args.output.rstrip('/')}/rejected/)")
-    return 0
+    return run_and_report(parse_args(argv), run, lambda summary, args: (
+        f"kept {summary['kept']} of {summary['rows']} rows: {args.output.rstrip('/')}/kept/ "
+        f"(rejected rows with their rule in {args.output.rstrip('/')}/rejected/)"))
 
 
 if __name__ == "__main__":

@@ -9,12 +9,10 @@ beside a curated dataset. Aggregates run on DuckDB over the whole table; only th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from ma_agiqa.curation import CurationError
+from jobs.cli import run_and_report
 from ma_agiqa.report import build_report
-from ma_agiqa.storage import ManifestError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,15 +42,8 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        stats = run(args)
-    except (CurationError, ManifestError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(stats, indent=2, default=str))
-    print(f"report: {args.output} ({stats['bytes'] / 1e6:.1f} MB, {stats['thumbnails']} thumbnails)")
-    return 0
+    return run_and_report(parse_args(argv), run, lambda stats, args: (
+        f"report: {args.output} ({stats['bytes'] / 1e6:.1f} MB, {stats['thumbnails']} thumbnails)"))
 
 
 if __name__ == "__main__":
