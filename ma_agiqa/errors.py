@@ -1,6 +1,9 @@
 """Errors shared by the light modules (storage, curation) and the image preprocessing, without importing
 torch: a filter or manifest check should not pay for it."""
 
+# 50 megapixels: 7071x7071. Generated images are rarely over 4096x4096 (16.8 MP).
+DEFAULT_MAX_PIXELS = 50_000_000
+
 
 class ImageError(ValueError):
     """A per-image failure that becomes the row's error: ``kind`` is one of missing, fetch, empty, not_image,

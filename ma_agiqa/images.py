@@ -14,10 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
-
-# 50 megapixels: 7071x7071. Generated images are rarely over 4096x4096 (16.8 MP).
-DEFAULT_MAX_PIXELS = 50_000_000
+from .errors import DEFAULT_MAX_PIXELS, ImageError
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -6,6 +6,9 @@ manifest rows -> AssignIds -> FetchDecode (CPU) -> SemanticFeatures (GPU) -> Sco
 (ScoreImages runs the two model steps in one actor, for clusters without GPUs.)
 
 Every step keeps every row: a row that fails becomes status "error" with its reason and flows on.
+
+torch and the image preprocessing are imported by the steps that use them: a worker that only writes parts
+starts in a fraction of a second instead of importing torch.
 """
 from __future__ import annotations
 
@@ -19,9 +22,8 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
-from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image, normalize, quality_pixels, resize_for_semantic
+from .errors import DEFAULT_MAX_PIXELS, ImageError
 from .schema import STATUS_ERROR, STATUS_OK, feature_column, gate_column, score_schema
 from .storage import Fetcher, resolve_image_uri, stable_id, write_part_atomically
 
@@ -52,6 +54,8 @@ class JobSpec:
 
 
 def _device(num_gpus: float) -> str:
+    import torch
+
     return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
@@ -104,6 +108,8 @@ class FetchDecode:
         self.fetcher = Fetcher()
 
     def _one(self, uri):
+        from .images import decode_image, quality_pixels, resize_for_semantic
+
         try:
             img = decode_image(self.fetcher.fetch(resolve_image_uri(uri, self.spec.image_root)), self.spec.max_pixels)
         except ImageError as e:
@@ -151,6 +157,7 @@ class SemanticFeatures:
     """GPU stage: the frozen MLLM's vectors for every ok row (a model actor; the model loads once)."""
 
     def __init__(self, spec: JobSpec, num_gpus: float = 0.0, threads: int | None = None):
+        import torch
         from PIL import Image
 
         from .model import load_semantic
@@ -196,6 +203,8 @@ class ScoreRows:
     """GPU stage: MANIQA + MoE (+ the prompt encoder) on every ok row; emits rows of the score table."""
 
     def __init__(self, spec: JobSpec, num_gpus: float = 0.0, threads: int | None = None):
+        import torch
+
         from .model import create_model
 
         if threads:
@@ -206,13 +215,14 @@ class ScoreRows:
         self.schema = spec.output_schema()
         self.views_shape = (-1, 3, spec.views.size, spec.views.size)
 
-    @torch.inference_mode()
     def _score(self, table: pa.Table, rows: np.ndarray):
+        import torch
+
+        from .images import normalize
+
         pix = table[PIXELS]
-        views = torch.from_numpy(
-            np.stack([np.frombuffer(pix[i].as_py(), np.uint8).reshape(self.views_shape) for i in rows])
-        ).to(self.device)
-        views = normalize(views, self.spec.views)
+        views = np.stack([np.frombuffer(pix[i].as_py(), np.uint8).reshape(self.views_shape) for i in rows])
+        views = normalize(torch.from_numpy(views).to(self.device), self.spec.views)
         semantic = {
             name: torch.from_numpy(
                 table[feature_column(name)].combine_chunks().flatten().to_numpy().reshape(len(table), -1)[rows]
@@ -220,10 +230,11 @@ class ScoreRows:
             for name in self.spec.semantic_prompts
         }
         emb = present = None
-        if self.model.prompt_encoder is not None:
-            prompts = table[PROMPT].to_pylist() if PROMPT in table.column_names else [None] * len(table)
-            emb, present = self.model.prompt_encoder([prompts[i] for i in rows])
-        score, gates = self.model(views, semantic, emb, present)
+        with torch.inference_mode():
+            if self.model.prompt_encoder is not None:
+                prompts = table[PROMPT].to_pylist() if PROMPT in table.column_names else [None] * len(table)
+                emb, present = self.model.prompt_encoder([prompts[i] for i in rows])
+            score, gates = self.model(views, semantic, emb, present)
         return score.float().cpu().numpy(), gates.float().cpu().numpy()
 
     def __call__(self, table: pa.Table) -> pa.Table:
