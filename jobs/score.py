@@ -151,17 +151,20 @@ def actor_cpus(args, gpus: float, spec: JobSpec, cluster_cpus: float, fused: boo
 SMALL_MANIFEST_BYTES = 64 << 20  # read in the driver below this: Ray Data's read tasks cost seconds
 
 
-def rows_to_score(files: list[str], fmt: str, spec: JobSpec, done, limit: int | None):
-    """(Ray Dataset of the manifest rows still to score, their count). A small manifest is read in the
-    driver (Ray Data's read tasks would cost seconds); a large one by Ray Data's parallel readers, read once
-    and materialised: the count decides whether any model needs to load, and the pipeline starts from these
-    blocks instead of reading the manifest again."""
+def rows_to_score(files: list[str], fmt: str, spec: JobSpec, done, limit: int | None, batch_size: int):
+    """(Ray Dataset of the manifest rows still to score, in blocks of about ``batch_size`` rows, their count).
+
+    A small manifest is read in the driver and handed over as one block per batch: Ray Data's read and
+    repartition tasks would cost seconds of worker start-up. A large one is read by Ray Data's parallel
+    readers, read once and materialised: the count decides whether any model needs to load, and the pipeline
+    starts from these blocks instead of reading the manifest again."""
     import ray.data
 
     if len(files) <= 64 and total_bytes(files) <= SMALL_MANIFEST_BYTES:
         table = read_manifest_table(files, fmt)
         table = DropDone(done)(AssignIds(spec)(table.slice(0, limit) if limit is not None else table))
-        return ray.data.from_arrow(table), len(table)
+        blocks = [table.slice(i, batch_size) for i in range(0, len(table), batch_size)] or [table]
+        return ray.data.from_arrow(blocks), len(table)
     if fmt == "parquet":
         ds = ray.data.read_parquet(files, file_extensions=None)
     elif fmt == "csv":
@@ -172,28 +175,31 @@ def rows_to_score(files: list[str], fmt: str, spec: JobSpec, done, limit: int | 
         ds = ds.limit(limit)
     ds = ds.map_batches(AssignIds(spec), batch_format="pyarrow")
     todo = ds.map_batches(DropDone(done), batch_format="pyarrow").materialize()
-    return todo, todo.count()
+    # Manifest files come in few large blocks: split them so that every actor gets work.
+    return todo.repartition(target_num_rows_per_block=batch_size), todo.count()
 
 
 def init_ray(address: str | None, s3_endpoint: str | None = None):
     """Join the cluster at ``address`` / RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
 
-    A local Ray's workers get this process's store settings; a cluster's come from its job's runtime_env
-    (cluster/README.md), except an explicit --s3-endpoint, merged into it."""
+    A local Ray's processes inherit this process's environment (store settings included), so the job sets no
+    runtime_env there: one would keep its actors off the workers Ray starts in advance. A cluster's settings
+    come from its job's runtime_env (cluster/README.md), except an explicit --s3-endpoint, merged into it."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    if address is None:
-        keys = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MA_AGIQA_CACHE")
-        env = {k: os.environ[k] for k in keys if k in os.environ}
-    else:
-        env = {"AWS_ENDPOINT_URL": s3_endpoint} if s3_endpoint else {}
-        if env:
-            os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    env = {"AWS_ENDPOINT_URL": s3_endpoint} if s3_endpoint and address else {}
+    if env:
+        os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     # "local" always starts a new local Ray: a bare ray.init() would attach to whatever cluster
-    # /tmp/ray/ray_current_cluster names, even a dead one.
-    ray.init(address=address or "local", runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
-             logging_level=logging.WARNING)
+    # /tmp/ray/ray_current_cluster names, even a dead one. It starts without the dashboard, whose processes
+    # cost a second of start-up and share a laptop's cores with the job; for one, `ray start --head` and
+    # pass --address.
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
+                 logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", include_dashboard=False, ignore_reinit_error=True, logging_level=logging.WARNING)
 
 
 def run(args) -> dict:
@@ -213,6 +219,7 @@ def run(args) -> dict:
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     fused = args.fuse == "on" or (args.fuse == "auto" and gpus == 0)
+    decode_in_actors = fused and gpus == 0
     args.quality_actors = quality_actor_count(args, gpus, ray.cluster_resources().get("CPU", 0))
     cpus = actor_cpus(args, gpus, spec, ray.cluster_resources().get("CPU", 0), fused)
     # Torch threads per model actor: one per reserved CPU. On CPU-only nodes, more threads than reserved
@@ -220,21 +227,22 @@ def run(args) -> dict:
     threads = args.threads_per_actor or max(1, int(cpus))
 
     done = scored_ids(args.output, scorer)
-    todo, n_todo = rows_to_score(files, fmt, spec, done, args.limit)
+    todo, n_todo = rows_to_score(files, fmt, spec, done, args.limit, args.batch_size)
     summary = {
-        "model_stages": "fused" if fused else "separate", "quality_actors": args.quality_actors,
+        "model_stages": "fused" if fused else "separate", "decode": "in the model actors" if decode_in_actors else "tasks",
+        "quality_actors": args.quality_actors,
         "threads_per_actor": threads, "cpus_per_actor": cpus,
         "manifest": args.manifest, "output": args.output, "model": args.model, "model_id": scorer,
         "already_scored": len(done), "to_score": n_todo,
     }
     if n_todo:
-        # Small manifests come as one block: split it so that every actor gets work.
-        todo = todo.repartition(target_num_rows_per_block=args.batch_size)
         todo = todo.map_batches(
             FetchDecode(spec), batch_size=args.batch_size, batch_format="pyarrow",
-            # One CPU per decode task, unlike the model actors: different resources keep Ray Data from fusing
-            # decoding into the GPU actors, so that it runs in parallel tasks ahead of them.
-            num_cpus=1,
+            # With GPUs: one CPU per decode task, unlike the model actors, so that Ray Data keeps decoding in
+            # parallel tasks running ahead of the GPU actors. Fused on CPUs: the model actors' resources, so
+            # that Ray Data fuses decoding into them and each actor takes its rows from manifest row to score,
+            # with no decoded pixels moved between processes.
+            num_cpus=cpus if decode_in_actors else 1,
         )
         if fused:
             stages = [(ScoreImages, args.quality_actors)]

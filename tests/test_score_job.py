@@ -90,6 +90,20 @@ def test_rerun_scores_only_what_is_missing(local_ray, tmp_path):
     assert len(ids) == len(set(ids)) == 40
 
 
+def test_separate_stages_score_like_the_fused_default(local_ray, tmp_path):
+    """--fuse off is the layout a GPU cluster gets (decode tasks, then one actor pool per model stage); on
+    this CPU-only cluster the default runs decoding and both model stages in one pool. Same rows, same scores."""
+    args = ["--manifest", str(SAMPLE / "manifest.jsonl"), "--image-root", str(SAMPLE), "--batch-size", "8", "--limit", "16"]
+    fused = run_job(*args, "--output", str(tmp_path / "fused"))
+    separate = run_job(*args, "--output", str(tmp_path / "separate"), "--fuse", "off", "--quality-actors", "1")
+    assert (fused["model_stages"], fused["decode"]) == ("fused", "in the model actors")
+    assert (separate["model_stages"], separate["decode"]) == ("separate", "tasks")
+    scores = [{r["image_id"]: r["score"] for r in read_table(str(tmp_path / d)).to_pylist()} for d in ("fused", "separate")]
+    assert len(scores[0]) == 16 and scores[0].keys() == scores[1].keys()
+    for image_id, value in scores[0].items():
+        assert scores[1][image_id] == pytest.approx(value, abs=1e-4)
+
+
 def test_a_bad_manifest_fails_before_any_model_work(tmp_path, capsys):
     pq.write_table(pa.table({"path": ["a.jpg"]}), tmp_path / "m.parquet")
     assert score.main(["--manifest", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "o")]) == 2
