@@ -1,13 +1,24 @@
-"""Throughput of the scoring job against its parts, in one run on the same images and model:
+"""Throughput of the scoring job against its parts and against a plain loop, on the same images and model.
 
-1. the job end to end (`jobs.score` on a local Ray, from manifest to Parquet), with and without its start-up;
-2. model only: the same model and batch size on pre-decoded inputs held in memory;
-3. fetch + decode + preprocess only (the job's FetchDecode step, in one process);
-4. a plain single-process loop running the same steps one batch after the other.
+Two kinds of measurement, both in one run:
+
+A. Commands, as a user runs them: wall time of a fresh process from launch to exit, Python start, imports,
+   model loads and writing included, each repeated ``--repeats`` times, alternating, and the median kept:
+   - the job: ``python -m jobs.score ...``, starting its local Ray;
+   - the job on a Ray already running (``ray start --head`` once, then ``--address``), as on a cluster or a
+     workstation that keeps one: no Ray start or shut-down in its time;
+   - a plain loop: ``python benchmarks/score_throughput.py --plain-loop ...``, one process doing the same steps
+     (read manifest, fetch + decode + preprocess, the model, write Parquet) one batch after the other.
+   The job's steady rate (images/s once its actors run) comes from Ray Data's progress log.
+B. In one process whose imports are already paid:
+   - the job (``jobs.score.run``: Ray start, actor start-up and model loads included);
+   - model only: the same model and batch size on pre-decoded inputs held in memory;
+   - fetch + decode + preprocess only (the job's FetchDecode step);
+   - the plain loop, with and without its model load.
 
 The figure we track: job / min(model only, decode only), toward 0.9.
 
-    python benchmarks/score_throughput.py [--images 1000] [--model tiny-random] [--batch-size 16]
+    python benchmarks/score_throughput.py [--images 1000] [--repeats 3] [--model tiny-random] [--batch-size 16]
 
 Runs unchanged on a GPU machine (the model actors take the GPU when Ray sees one).
 """
@@ -17,7 +28,11 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
+import socket
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,14 +40,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from jobs import score  # noqa: E402
-from ma_agiqa.pipeline import AssignIds, FetchDecode, ScoreRows, SemanticFeatures, WriteParts  # noqa: E402
+from ma_agiqa.pipeline import AssignIds, FetchDecode, ScoreImages, WriteParts  # noqa: E402
 
-DATA = Path(os.environ.get("MA_AGIQA_AGIQA3K", Path(__file__).resolve().parents[2] / "shared/datasets/agiqa3k"))
+DATA = Path(os.environ.get("MA_AGIQA_AGIQA3K", ROOT.parent / "shared/datasets/agiqa3k"))
+ROWS_PER_FILE = 5000  # the job's default --rows-per-file
 
 
 def batches(table: pa.Table, size: int):
@@ -40,12 +56,175 @@ def batches(table: pa.Table, size: int):
         yield table.slice(i, size)
 
 
+def job_args(manifest, image_root, output, model, batch_size, extra=()):
+    return ["--manifest", str(manifest), "--image-root", str(image_root), "--output", str(output),
+            "--model", model, "--batch-size", str(batch_size), *extra]
+
+
+def plain_loop(argv):
+    """The plain single-process loop, as a script would run it: the job's own steps, one after the other."""
+    args = score.parse_args(argv)
+    spec, files, fmt = score.plan(args)
+    gpus = 1.0 if _cuda() else 0.0
+    model = ScoreImages(spec, gpus)
+    fetch, write = FetchDecode(spec), WriteParts(args.output)
+    rows = AssignIds(spec)(pq.read_table(files[0]))
+    scored = [model(fetch(b)) for b in batches(rows, args.batch_size)]
+    for part in batches(pa.concat_tables(scored), ROWS_PER_FILE):
+        write(part)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def time_command(cmd: list[str], log: Path, env=None) -> float:
+    t = time.perf_counter()
+    with open(log, "w") as out:
+        subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    return time.perf_counter() - t
+
+
+PROGRESS = re.compile(r"^(\S+ \S+),(\d+)\s+INFO logging_progress.py:\d+ -- MapBatches\(.*(ScoreImages|ScoreRows)\): (\d+)/")
+
+
+def steady_rate(log: Path) -> float | None:
+    """Images/s of the last model stage between its first and its last progress line with rows done."""
+    points = []
+    for line in log.read_text().splitlines():
+        m = PROGRESS.match(line)
+        if m and int(m.group(4)) > 0:
+            t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+            points.append((t, int(m.group(4))))
+    if len(points) < 2 or points[-1][0] == points[0][0]:
+        return None
+    return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
+
+
+def start_head(cpus: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--num-cpus", str(cpus), "--port", str(port), "--include-dashboard",
+         "false", "--disable-usage-stats"],
+        env=dict(os.environ, RAY_AUTH_MODE="disabled"), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    address = f"127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while subprocess.run(["ray", "status", "--address", address], env=dict(os.environ, RAY_AUTH_MODE="disabled"),
+                         capture_output=True).returncode != 0:
+        assert time.time() < deadline and head.poll() is None, "ray start --head did not come up"
+        time.sleep(1)
+    return head, address
+
+
+def commands(args, work: Path, n: int, extra: list[str]) -> dict:
+    """Part A: the job (local Ray, then a running Ray) and the plain loop as fresh processes, alternating."""
+    head, address = start_head(os.cpu_count())
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    names = ("job", "job on a running Ray", "loop")
+    times, steady = {k: [] for k in names}, {k: [] for k in names[:2]}
+    try:
+        for r in range(args.repeats):
+            for name in names:
+                out, log = work / f"cmd-{r}-{len(times[name])}-{name[:3]}", work / f"cmd-{r}-{name}.log"
+                argv = job_args(work / "manifest.parquet", DATA / "images", out, args.model, args.batch_size, extra)
+                if name == "loop":
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--plain-loop", *argv]
+                else:
+                    cmd = [sys.executable, "-m", "jobs.score", *argv, *(["--address", address] if "running" in name else [])]
+                times[name].append(time_command(cmd, log, env))
+                if name in steady:
+                    steady[name].append(steady_rate(log))
+                assert len(pq.read_table(out, columns=["image_id"])) == n, f"{name} wrote an incomplete table"
+                shutil.rmtree(out)
+    finally:
+        os.killpg(head.pid, 9)
+        head.wait()
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "wall_s": {k: [round(x, 1) for x in v] for k, v in times.items()},
+        "images_per_s_median": {k: round(n / v, 1) for k, v in median.items()},
+        "job_steady_images_per_s": {k: [round(x, 1) if x else None for x in v] for k, v in steady.items()},
+        # The machine's speed drifts between minutes: compare runs made side by side, repeat by repeat.
+        "job_over_plain_loop_per_repeat": [round(l / j, 2) for j, l in zip(times["job"], times["loop"])],
+        "job_on_running_ray_over_plain_loop_per_repeat": [
+            round(l / j, 2) for j, l in zip(times["job on a running Ray"], times["loop"])],
+        "job_over_plain_loop_of_medians": round(median["loop"] / median["job"], 2),
+    }
+
+
+def in_process(args, work: Path, names: list[str], extra: list[str]) -> dict:
+    """Part B: one process, imports paid; the job, its parts and the loop."""
+    import torch
+
+    job = score.parse_args(job_args(work / "manifest.parquet", DATA / "images", work / "job", args.model,
+                                     args.batch_size, extra))
+    spec, _, _ = score.plan(job)
+    manifest = AssignIds(spec)(pq.read_table(work / "manifest.parquet"))
+    gpus = 1.0 if torch.cuda.is_available() else 0.0
+    results = {}
+
+    t = time.perf_counter()
+    summary = score.run(job)
+    results["job end to end (incl. Ray start, model load)"] = len(names) / (time.perf_counter() - t)
+    assert summary["rows"] == len(names), summary
+    import ray
+
+    ray.shutdown()
+
+    fetch = FetchDecode(spec)
+    t = time.perf_counter()
+    decoded = [fetch(b) for b in batches(manifest, args.batch_size)]
+    results["fetch + decode + preprocess only"] = len(names) / (time.perf_counter() - t)
+
+    t_load = time.perf_counter()
+    model = ScoreImages(spec, gpus)
+    load_s = time.perf_counter() - t_load
+    t = time.perf_counter()
+    for b in decoded:
+        model(b)
+    if gpus:
+        torch.cuda.synchronize()
+    results["model only (pre-decoded, same batch size)"] = len(names) / (time.perf_counter() - t)
+
+    writer = WriteParts(str(work / "loop"))
+    t = time.perf_counter()
+    scored = [model(fetch(b)) for b in batches(manifest, args.batch_size)]
+    for part in batches(pa.concat_tables(scored), ROWS_PER_FILE):
+        writer(part)
+    loop_s = time.perf_counter() - t
+    results["plain single-process loop"] = len(names) / loop_s
+    results["plain loop incl. model load"] = len(names) / (loop_s + load_s)
+    results["job (its own summary: after Ray start)"] = summary["rows"] / summary["elapsed_s"]
+
+    job_rate = results["job end to end (incl. Ray start, model load)"]
+    bound = min(results["model only (pre-decoded, same batch size)"], results["fetch + decode + preprocess only"])
+    return {
+        "job_settings": {k: summary[k] for k in ("model_stages", "threads_per_actor", "cpus_per_actor", "quality_actors")},
+        "torch_threads_in_loop": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if gpus else f"cpu ({os.cpu_count()} cores, {platform.machine()})",
+        "images_per_s": {k: round(v, 1) for k, v in results.items()},
+        "job_over_plain_loop": round(job_rate / results["plain single-process loop"], 2),
+        "job_over_plain_loop_incl_load": round(job_rate / results["plain loop incl. model load"], 2),
+        "job_over_min_model_decode": round(job_rate / bound, 2),
+    }
+
+
 def main():
+    if "--plain-loop" in sys.argv:
+        sys.argv.remove("--plain-loop")
+        return plain_loop(sys.argv[1:])
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each command (part A); 0 skips part A")
     p.add_argument("--model", default="tiny-random")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--semantic-actors", type=int, default=1)
     p.add_argument("--quality-actors", type=int, default=None, help="default: the job's")
     p.add_argument("--fuse", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--threads-per-actor", type=int, default=None)
@@ -54,70 +233,13 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="ma_agiqa_bench_"))
     names = sorted(os.listdir(DATA / "images"))[: args.images]
     pq.write_table(pa.table({"uri": names}), work / "manifest.parquet")
-    job_args = score.parse_args([
-        "--manifest", str(work / "manifest.parquet"), "--image-root", str(DATA / "images"), "--output", str(work / "job"),
-        "--model", args.model, "--batch-size", str(args.batch_size),
-        "--semantic-actors", str(args.semantic_actors),
-        *(["--quality-actors", str(args.quality_actors)] if args.quality_actors else []),
-        "--fuse", args.fuse, *(["--threads-per-actor", str(args.threads_per_actor)] if args.threads_per_actor else []),
-    ])
-    spec, _, _ = score.plan(job_args)
-    manifest = AssignIds(spec)(pq.read_table(work / "manifest.parquet"))
-    gpus = 1.0 if torch.cuda.is_available() else 0.0
-    results = {}
-
-    # 1. the job, end to end
-    t = time.perf_counter()
-    summary = score.run(job_args)
-    results["job end to end (incl. Ray start, model load)"] = len(names) / (time.perf_counter() - t)
-    assert summary["rows"] == len(names), summary
-    import ray
-
-    ray.shutdown()
-
-    # 3. fetch + decode + preprocess only
-    fetch = FetchDecode(spec)
-    t = time.perf_counter()
-    decoded = [fetch(b) for b in batches(manifest, args.batch_size)]
-    results["fetch + decode + preprocess only"] = len(names) / (time.perf_counter() - t)
-
-    # 2. model only, on the pre-decoded batches
-    t_load = time.perf_counter()
-    semantic = SemanticFeatures(spec, gpus) if spec.semantic_prompts else None
-    scorer = ScoreRows(spec, gpus)
-    load_s = time.perf_counter() - t_load
-    t = time.perf_counter()
-    for b in decoded:
-        scorer(semantic(b) if semantic else b)
-    if gpus:
-        torch.cuda.synchronize()
-    results["model only (pre-decoded, same batch size)"] = len(names) / (time.perf_counter() - t)
-
-    # 4. a plain loop doing the job's work, one step after the other
-    writer = WriteParts(str(work / "loop"))
-    t = time.perf_counter()
-    for b in batches(manifest, args.batch_size):
-        b = fetch(b)
-        writer(scorer(semantic(b) if semantic else b))
-    loop_s = time.perf_counter() - t
-    results["plain single-process loop"] = len(names) / loop_s
-    # the loop as a script would run it: loading its model first (the job's end-to-end figure includes its own)
-    results["plain loop incl. model load"] = len(names) / (loop_s + load_s)
-
-    job_steady = summary["rows"] / summary["elapsed_s"]
-    results["job (its own summary)"] = job_steady
-    bound = min(results["model only (pre-decoded, same batch size)"], results["fetch + decode + preprocess only"])
-    out = {
-        "images": len(names), "model": args.model, "batch_size": args.batch_size,
-        "job_settings": {k: summary[k] for k in ("model_stages", "threads_per_actor", "cpus_per_actor", "quality_actors")},
-        "torch_threads_in_loop": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name() if gpus else f"cpu ({os.cpu_count()} cores, {platform.machine()})",
-        "images_per_s": {k: round(v, 1) for k, v in results.items()},
-        "job_over_plain_loop": round(results["job end to end (incl. Ray start, model load)"] / results["plain single-process loop"], 2),
-        "job_over_plain_loop_incl_load": round(
-            results["job end to end (incl. Ray start, model load)"] / results["plain loop incl. model load"], 2),
-        "job_over_min_model_decode": round(results["job end to end (incl. Ray start, model load)"] / bound, 2),
-    }
+    extra = ["--fuse", args.fuse,
+             *(["--quality-actors", str(args.quality_actors)] if args.quality_actors else []),
+             *(["--threads-per-actor", str(args.threads_per_actor)] if args.threads_per_actor else [])]
+    out = {"images": len(names), "model": args.model, "batch_size": args.batch_size, "job_options": extra}
+    if args.repeats:
+        out["commands"] = commands(args, work, len(names), extra)
+    out["in_process"] = in_process(args, work, names, extra)
     print(json.dumps(out, indent=2))
     shutil.rmtree(work, ignore_errors=True)
 
