@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -84,11 +85,9 @@ def scored_ids(output_uri: str, model_id: str) -> pa.Array:
     return done.filter(pc.equal(done["model"], model_id))["image_id"].combine_chunks()
 
 
-def plan(args) -> tuple[JobSpec, list[str], str]:
-    """Everything that can be checked before Ray starts or a model loads: the manifest, the columns, the
-    model's config. Raises ManifestError with a message for the user."""
-    from ma_agiqa.model import load_config
-
+def check_manifest(args) -> tuple[list[str], str, pa.Schema]:
+    """The manifest's files, format and schema, checked before Ray starts: a manifest that cannot be used
+    (no `uri` column, unreadable, a kept column it lacks) raises ManifestError with a message for the user."""
     files, fmt = expand_manifest(args.manifest)
     schema = read_manifest_schema(files[0], fmt)
     for f in files[1:50] if fmt == "parquet" else []:
@@ -96,11 +95,24 @@ def plan(args) -> tuple[JobSpec, list[str], str]:
             raise ManifestError(f"manifest file {f} has no 'uri' column")
     if "uri" not in schema.names:
         raise ManifestError(f"manifest file {files[0]} has no 'uri' column (columns: {', '.join(schema.names)})")
-    keep = [c.strip() for c in args.keep_columns.split(",") if c.strip()]
-    missing = [c for c in keep if c not in schema.names]
+    missing = [c for c in kept_columns(args) if c not in schema.names]
     if missing:
         raise ManifestError(f"--keep-columns names columns the manifest lacks: {missing} (columns: {', '.join(schema.names)})")
-    cfg = load_config(args.model)
+    return files, fmt, schema
+
+
+def kept_columns(args) -> list[str]:
+    return [c.strip() for c in args.keep_columns.split(",") if c.strip()]
+
+
+def job_spec(args, schema: pa.Schema) -> JobSpec:
+    """What every stage needs to know, from the model's config (read, not built) and the manifest's schema."""
+    from ma_agiqa.model import load_config
+
+    try:
+        cfg = load_config(args.model)
+    except KeyError as e:  # neither a checkpoint directory nor a registered name
+        raise JobConfigError(f"--model {args.model}: {e.args[0]}") from None
     uses_prompt = any(e.source == "prompt" for e in cfg.moe.experts)
     spec = JobSpec(
         model=args.model,
@@ -109,12 +121,27 @@ def plan(args) -> tuple[JobSpec, list[str], str]:
         semantic_prompts={name: cfg.semantic.hidden_size for name in cfg.semantic.prompts} if cfg.semantic else {},
         semantic_max_side=cfg.semantic.max_image_side if cfg.semantic else 1024,
         image_root=args.image_root,
-        keep_columns={c: schema.field(c).type for c in keep},
+        keep_columns={c: schema.field(c).type for c in kept_columns(args)},
         keep_features=args.keep_features,
         prompt_column=args.prompt_column if uses_prompt and args.prompt_column in schema.names else None,
     )
     spec.output_schema()  # kept columns must not clash with the score table's
-    return spec, files, fmt
+    return spec
+
+
+def plan(args) -> tuple[JobSpec, list[str], str]:
+    """Everything that can be checked before Ray starts or a model loads: the manifest, the columns, the
+    model's config."""
+    files, fmt, schema = check_manifest(args)
+    return job_spec(args, schema), files, fmt
+
+
+def plan_model(args, schema: pa.Schema) -> tuple[JobSpec, str]:
+    """The job's spec and the model id its rows will carry (what resume compares with). Importing torch and
+    hashing the weights take seconds, which run() spends while Ray starts."""
+    from ma_agiqa.model import model_id
+
+    return job_spec(args, schema), model_id(args.model)
 
 
 class JobConfigError(ValueError):
@@ -206,14 +233,14 @@ def run(args) -> dict:
     import ray
     import ray.data
 
-    from ma_agiqa.model import model_id
-
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
-    spec, files, fmt = plan(args)
-    scorer = model_id(args.model)  # what the model column of this run's rows will say
-    init_ray(args.address, args.s3_endpoint)
-    started = time.time()
+    files, fmt, schema = check_manifest(args)
+    with ThreadPoolExecutor(1) as pool:  # the model's config and id while Ray starts: a few seconds less per job
+        model_plan = pool.submit(plan_model, args, schema)
+        init_ray(args.address, args.s3_endpoint)
+        spec, scorer = model_plan.result()  # scorer: what the model column of this run's rows will say
+    started = time.time()  # the summary's images/s count from here: Ray up, the model planned
 
     gpus = args.gpus_per_actor
     if gpus is None:

@@ -115,6 +115,9 @@ def test_a_bad_manifest_fails_before_any_model_work(tmp_path, capsys):
     args = ["--manifest", str(SAMPLE / "manifest.jsonl"), "--output", str(tmp_path / "o"), "--keep-columns", "seed"]
     assert score.main(args) == 2
     assert "lacks" in capsys.readouterr().err
+    args = ["--manifest", str(SAMPLE / "manifest.jsonl"), "--output", str(tmp_path / "o"), "--model", "no-such-model"]
+    assert score.main(args) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
