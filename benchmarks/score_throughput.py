@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from jobs import score  # noqa: E402
 from ma_agiqa.pipeline import AssignIds, FetchDecode, ScoreImages, WriteParts  # noqa: E402
+from ma_agiqa.storage import read_manifest_table  # noqa: E402
 
 DATA = Path(os.environ.get("MA_AGIQA_AGIQA3K", ROOT.parent / "shared/datasets/agiqa3k"))
 ROWS_PER_FILE = 5000  # the job's default --rows-per-file
@@ -61,17 +62,20 @@ def job_args(manifest, image_root, output, model, batch_size, extra=()):
             "--model", model, "--batch-size", str(batch_size), *extra]
 
 
-def plain_loop(argv):
-    """The plain single-process loop, as a script would run it: the job's own steps, one after the other."""
-    args = score.parse_args(argv)
-    spec, files, fmt = score.plan(args)
-    gpus = 1.0 if _cuda() else 0.0
-    model = ScoreImages(spec, gpus)
-    fetch, write = FetchDecode(spec), WriteParts(args.output)
-    rows = AssignIds(spec)(pq.read_table(files[0]))
-    scored = [model(fetch(b)) for b in batches(rows, args.batch_size)]
+def loop(rows: pa.Table, fetch: FetchDecode, model: ScoreImages, write: WriteParts, batch_size: int):
+    """The job's steps one after the other in this process: fetch + decode, score, then write parts."""
+    scored = [model(fetch(b)) for b in batches(rows, batch_size)]
     for part in batches(pa.concat_tables(scored), ROWS_PER_FILE):
         write(part)
+
+
+def plain_loop(argv):
+    """The plain single-process loop as a script would run it, model load included (part A's third command)."""
+    args = score.parse_args(argv)
+    spec, files, fmt = score.plan(args)
+    model = ScoreImages(spec, 1.0 if _cuda() else 0.0)
+    rows = AssignIds(spec)(read_manifest_table(files, fmt))
+    loop(rows, FetchDecode(spec), model, WriteParts(args.output), args.batch_size)
 
 
 def _cuda() -> bool:
@@ -131,8 +135,8 @@ def commands(args, work: Path, n: int, extra: list[str]) -> dict:
     times, steady = {k: [] for k in names}, {k: [] for k in names[:2]}
     try:
         for r in range(args.repeats):
-            for name in names:
-                out, log = work / f"cmd-{r}-{len(times[name])}-{name[:3]}", work / f"cmd-{r}-{name}.log"
+            for i, name in enumerate(names):
+                out, log = work / f"cmd-{r}-{i}", work / f"cmd-{r}-{i}.log"
                 argv = job_args(work / "manifest.parquet", DATA / "images", out, args.model, args.batch_size, extra)
                 if name == "loop":
                     cmd = [sys.executable, str(Path(__file__).resolve()), "--plain-loop", *argv]
@@ -165,9 +169,9 @@ def in_process(args, work: Path, names: list[str], extra: list[str]) -> dict:
 
     job = score.parse_args(job_args(work / "manifest.parquet", DATA / "images", work / "job", args.model,
                                      args.batch_size, extra))
-    spec, _, _ = score.plan(job)
-    manifest = AssignIds(spec)(pq.read_table(work / "manifest.parquet"))
-    gpus = 1.0 if torch.cuda.is_available() else 0.0
+    spec, files, fmt = score.plan(job)
+    manifest = AssignIds(spec)(read_manifest_table(files, fmt))
+    gpus = 1.0 if _cuda() else 0.0
     results = {}
 
     t = time.perf_counter()
@@ -193,11 +197,8 @@ def in_process(args, work: Path, names: list[str], extra: list[str]) -> dict:
         torch.cuda.synchronize()
     results["model only (pre-decoded, same batch size)"] = len(names) / (time.perf_counter() - t)
 
-    writer = WriteParts(str(work / "loop"))
     t = time.perf_counter()
-    scored = [model(fetch(b)) for b in batches(manifest, args.batch_size)]
-    for part in batches(pa.concat_tables(scored), ROWS_PER_FILE):
-        writer(part)
+    loop(manifest, fetch, model, WriteParts(str(work / "loop")), args.batch_size)
     loop_s = time.perf_counter() - t
     results["plain single-process loop"] = len(names) / loop_s
     results["plain loop incl. model load"] = len(names) / (loop_s + load_s)

@@ -242,13 +242,14 @@ def run(args) -> dict:
         spec, scorer = model_plan.result()  # scorer: what the model column of this run's rows will say
     started = time.time()  # the summary's images/s count from here: Ray up, the model planned
 
+    resources = ray.cluster_resources()
     gpus = args.gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
     fused = args.fuse == "on" or (args.fuse == "auto" and gpus == 0)
     decode_in_actors = fused and gpus == 0
-    args.quality_actors = quality_actor_count(args, gpus, ray.cluster_resources().get("CPU", 0))
-    cpus = actor_cpus(args, gpus, spec, ray.cluster_resources().get("CPU", 0), fused)
+    args.quality_actors = quality_actor_count(args, gpus, resources.get("CPU", 0))
+    cpus = actor_cpus(args, gpus, spec, resources.get("CPU", 0), fused)
     # Torch threads per model actor: one per reserved CPU. On CPU-only nodes, more threads than reserved
     # CPUs oversubscribe the cores and were measured slower (benchmarks/README.md): add actors instead.
     threads = args.threads_per_actor or max(1, int(cpus))
