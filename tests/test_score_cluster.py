@@ -1,5 +1,5 @@
 """The scoring job as users run it: a process killed mid-way then re-run, and `ray job submit` to a
-`ray start --head` cluster. Each test starts its own Ray processes and kills their process group after."""
+`ray start --head` cluster. Each test starts its own Ray processes and kills all of them after."""
 import json
 import os
 import signal
@@ -27,11 +27,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _live_session_pids(sid: int) -> list[int]:
+    """Processes of session ``sid`` that still run (zombies left to an init that does not reap are not)."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, _ppid, _pgrp, session = f.read().rsplit(")", 1)[1].split()[:4]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(session) == sid and state != "Z":
+            pids.append(int(entry))
+    return pids
+
+
 def _kill_group(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """SIGKILL to every process of the job's session: the job, its local Ray and Ray's workers, which run in
+    process groups of their own and would otherwise go on writing for seconds after their raylet died."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        alive = [pid for pid in _live_session_pids(proc.pid) if pid != os.getpid()]
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.poll()  # reap the job itself
+        if not alive:
+            break
+        time.sleep(0.1)
     proc.wait(timeout=30)
 
 
