@@ -43,13 +43,14 @@ def job_timeline(output: str) -> dict:
     import ray
     import ray.data
 
+    score.plan = timed("manifest and model config checked", score.plan)
     score.init_ray = timed("ray start", score.init_ray)
-    score.plan_model = timed("model planned (thread)", score.plan_model)
-    score.rows_to_score = timed("manifest read, resume check", score.rows_to_score)
+    score.rows_to_score = timed("manifest rows to score", score.rows_to_score)
     ray.data.Dataset.take_all = timed("pipeline", ray.data.Dataset.take_all)
     args = ["--manifest", str(SAMPLE / "manifest.jsonl"), "--image-root", str(SAMPLE), "--output", output,
             "--model", "tiny-random"]
     summary = score.run(score.parse_args(args))
+    marks["summary written"] = time.perf_counter() - t0
     assert summary["ok"] == summary["rows"] == 40, summary
     start = time.perf_counter()
     ray.shutdown()

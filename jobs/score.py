@@ -15,11 +15,11 @@ import logging
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import pyarrow as pa
 
+from ma_agiqa.checkpoint import model_id
 from ma_agiqa.pipeline import (
     AssignIds,
     DropDone,
@@ -35,6 +35,7 @@ from ma_agiqa.storage import (
     ManifestError,
     expand_manifest,
     join_uri,
+    list_parts,
     read_column,
     read_columns,
     read_manifest_schema,
@@ -77,12 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def scored_ids(output_uri: str, model_id: str) -> pa.Array:
-    """The image ids ``output_uri`` already holds a row for, scored by ``model_id`` (ok or error)."""
+def scored_ids(output_uri: str, scorer: str) -> pa.Array:
+    """The image ids ``output_uri`` already holds a row for, scored by the model ``scorer`` (ok or error)."""
     import pyarrow.compute as pc
 
     done = read_columns(output_uri, ["image_id", "model"])
-    return done.filter(pc.equal(done["model"], model_id))["image_id"].combine_chunks()
+    return done.filter(pc.equal(done["model"], scorer))["image_id"].combine_chunks()
 
 
 def check_manifest(args) -> tuple[list[str], str, pa.Schema]:
@@ -107,7 +108,7 @@ def kept_columns(args) -> list[str]:
 
 def job_spec(args, schema: pa.Schema) -> JobSpec:
     """What every stage needs to know, from the model's config (read, not built) and the manifest's schema."""
-    from ma_agiqa.model import load_config
+    from ma_agiqa.checkpoint import load_config
 
     try:
         cfg = load_config(args.model)
@@ -134,14 +135,6 @@ def plan(args) -> tuple[JobSpec, list[str], str]:
     model's config."""
     files, fmt, schema = check_manifest(args)
     return job_spec(args, schema), files, fmt
-
-
-def plan_model(args, schema: pa.Schema) -> tuple[JobSpec, str]:
-    """The job's spec and the model id its rows will carry (what resume compares with). Importing torch and
-    hashing the weights take seconds, which run() spends while Ray starts."""
-    from ma_agiqa.model import model_id
-
-    return job_spec(args, schema), model_id(args.model)
 
 
 class JobConfigError(ValueError):
@@ -191,7 +184,9 @@ def rows_to_score(files: list[str], fmt: str, spec: JobSpec, done, limit: int | 
         table = read_manifest_table(files, fmt)
         table = DropDone(done)(AssignIds(spec)(table.slice(0, limit) if limit is not None else table))
         blocks = [table.slice(i, batch_size) for i in range(0, len(table), batch_size)] or [table]
-        return ray.data.from_arrow(blocks), len(table)
+        # from_blocks, unlike from_arrow, keeps the blocks as they are and reads their metadata here rather
+        # than in a remote task per block.
+        return ray.data.from_blocks(blocks), len(table)
     if fmt == "parquet":
         ds = ray.data.read_parquet(files, file_extensions=None)
     elif fmt == "csv":
@@ -235,12 +230,9 @@ def run(args) -> dict:
 
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
-    files, fmt, schema = check_manifest(args)
-    with ThreadPoolExecutor(1) as pool:  # the model's config and id while Ray starts: a few seconds less per job
-        model_plan = pool.submit(plan_model, args, schema)
-        init_ray(args.address, args.s3_endpoint)
-        spec, scorer = model_plan.result()  # scorer: what the model column of this run's rows will say
-    started = time.time()  # the summary's images/s count from here: Ray up, the model planned
+    spec, files, fmt = plan(args)
+    init_ray(args.address, args.s3_endpoint)
+    started = time.time()  # the summary's images/s count from here: Ray up
 
     resources = ray.cluster_resources()
     gpus = args.gpus_per_actor
@@ -254,7 +246,10 @@ def run(args) -> dict:
     # CPUs oversubscribe the cores and were measured slower (benchmarks/README.md): add actors instead.
     threads = args.threads_per_actor or max(1, int(cpus))
 
-    done = scored_ids(args.output, scorer)
+    # What this run's rows will say in their model column, needed only to resume: working it out can mean
+    # building the model, which a first run leaves to the actors.
+    scorer = model_id(args.model) if list_parts(args.output) else None
+    done = scored_ids(args.output, scorer) if scorer else pa.array([], pa.string())
     todo, n_todo = rows_to_score(files, fmt, spec, done, args.limit, args.batch_size)
     summary = {
         "model_stages": "fused" if fused else "separate", "decode": "in the model actors" if decode_in_actors else "tasks",
@@ -289,6 +284,8 @@ def run(args) -> dict:
         summary.update(summarise(counts))
     else:
         summary.update(summarise([]))
+    if summary["model_id"] is None:  # no rows written and none to resume
+        summary["model_id"] = model_id(args.model)
     elapsed = time.time() - started
     summary.update(
         table_rows=len(read_column(args.output, "image_id")),

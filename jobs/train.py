@@ -82,7 +82,7 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
     if args.backbone != "config":
         import dataclasses
 
-        from ma_agiqa.model import load_config
+        from ma_agiqa.checkpoint import load_config
 
         quality = load_config(args.model).quality
         overrides["quality"] = dataclasses.replace(quality, freeze_backbone=args.backbone == "frozen")
@@ -105,7 +105,7 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
         ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
         result = train_distributed(args.model, vars(t), train_in, val_in, output, args.workers, use_gpu=bool(args.gpu),
                                    model_overrides=overrides)
-        from ma_agiqa.model import model_id
+        from ma_agiqa.checkpoint import model_id
 
         checkpoint = model_id(output)
     else:

@@ -12,7 +12,7 @@ _EXPORTS = {
     "from_pretrained": "model",
     "ModelConfig": "config",
     "ImageError": "images",
-    "QualityViews": "images",
+    "QualityViews": "config",
     "decode_image": "images",
     "quality_views": "images",
     "get_config": "registry",

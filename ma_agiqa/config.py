@@ -10,7 +10,28 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from .images import QualityViews
+
+@dataclass(frozen=True)
+class QualityViews:
+    """How the quality branch sees an image.
+
+    ``resize`` (the reference): the whole image resized to size x size, one view, in training and test.
+    ``crops``: a random size x size crop in training; at test the mean over ``num_crops`` crops at fixed,
+    evenly spaced positions, so that the same image always gets the same score.
+    """
+
+    size: int = 224
+    mode: str = "resize"
+    num_crops: int = 1
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self):
+        if self.mode not in ("resize", "crops"):
+            raise ValueError(f"views mode must be 'resize' or 'crops', got {self.mode!r}")
+        if self.num_crops < 1:
+            raise ValueError("num_crops must be >= 1")
+
 
 COHERENCE_PROMPT = "Evaluate if the image quality is compromised due to violations of coherence."
 SEMANTIC_PROMPT = (

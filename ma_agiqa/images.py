@@ -8,12 +8,12 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import QualityViews
 from .errors import DEFAULT_MAX_PIXELS, ImageError
 
 
@@ -76,28 +76,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img.convert("RGB")
     except (ValueError, OSError) as e:
         raise ImageError("bad_mode", f"cannot convert mode {mode} to RGB: {e}") from None
-
-
-@dataclass(frozen=True)
-class QualityViews:
-    """How the quality branch sees an image.
-
-    ``resize`` (the reference): the whole image resized to size x size, one view, in training and test.
-    ``crops``: a random size x size crop in training; at test the mean over ``num_crops`` crops at fixed,
-    evenly spaced positions, so that the same image always gets the same score.
-    """
-
-    size: int = 224
-    mode: str = "resize"
-    num_crops: int = 1
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-
-    def __post_init__(self):
-        if self.mode not in ("resize", "crops"):
-            raise ValueError(f"views mode must be 'resize' or 'crops', got {self.mode!r}")
-        if self.num_crops < 1:
-            raise ValueError("num_crops must be >= 1")
 
 
 def image_to_uint8(img: Image.Image) -> torch.Tensor:

@@ -7,7 +7,6 @@ saved with ``save_pretrained``. Loading always goes through ``from_pretrained`` 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import hub
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, backbone_from_source, checkpoint_dir, directory_of, hash_weights, load_config
 from .config import ModelConfig
 from .images import quality_views
 from .maniqa import MANIQA
@@ -27,8 +27,6 @@ from .prompt_encoder import PromptEncoder
 from .registry import get_config, list_models
 from .semantic import SemanticExtractor
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 INIT_SEED = 0  # random initialisation is seeded, so every actor that builds a model builds the same one
 
 
@@ -112,13 +110,9 @@ class MAAGIQA(nn.Module):
         """What a checkpoint stores: the quality branch and MoE, without a frozen pretrained backbone."""
         sd = {f"quality.{k}": v for k, v in self.quality.state_dict().items()}
         sd.update({f"moe.{k}": v for k, v in self.moe.state_dict().items()})
-        if self._backbone_from_source():
+        if backbone_from_source(self.cfg):
             sd = {k: v for k, v in sd.items() if not k.startswith("quality.backbone.")}
         return sd
-
-    def _backbone_from_source(self) -> bool:
-        q = self.cfg.quality
-        return q.freeze_backbone and q.pretrained is not None
 
     @property
     def model_id(self) -> str:
@@ -144,11 +138,10 @@ class MAAGIQA(nn.Module):
 
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state_dict):
-        h.update(k.encode())
-        h.update(state_dict[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too (BatchNorm counters)
-    return h.hexdigest()[:12]
+    return hash_weights(
+        (k, v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too (BatchNorm counters)
+        for k, v in state_dict.items()
+    )
 
 
 def _build(cfg: ModelConfig, base_dir: str | None, device, with_semantic: bool, with_prompt: bool, load_backbone: bool):
@@ -172,7 +165,7 @@ def create_model(
 
     ``with_semantic=False`` skips loading the MLLM (for training against cached features, or a quality-only
     stage); ``overrides`` replace top-level config fields (e.g. ``semantic=...``)."""
-    directory = checkpoint_dir(name_or_dir) if shipped else _directory(name_or_dir)
+    directory = checkpoint_dir(name_or_dir) if shipped else directory_of(name_or_dir)
     if directory is not None and not overrides:
         return from_pretrained(directory, device, with_semantic, with_prompt)
     cfg = get_config(str(name_or_dir))
@@ -202,43 +195,6 @@ def from_pretrained(
     model.load_state_dict(sd, strict=False)
     model.checkpoint_hash = weights_hash(model.trainable_state_dict())
     return model.to(device).eval()
-
-
-def shipped_checkpoint(name: str) -> Path | None:
-    """Trained heads shipped inside the package (``ma_agiqa/checkpoints/<name>``), if any."""
-    path = Path(__file__).parent / "checkpoints" / name
-    return path if (path / CONFIG_FILE).is_file() else None
-
-
-def _directory(name_or_dir: str | os.PathLike) -> Path | None:
-    path = Path(name_or_dir)
-    return path if (path / CONFIG_FILE).is_file() else None
-
-
-def checkpoint_dir(name_or_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint directory a model reference points to (a directory, or a name with shipped weights)."""
-    return _directory(name_or_dir) or shipped_checkpoint(str(name_or_dir))
-
-
-def load_config(name_or_dir: str | os.PathLike) -> ModelConfig:
-    """A model's config without building it: what a driver needs to plan a job (experts, prompts)."""
-    directory = checkpoint_dir(name_or_dir)
-    if directory is not None:
-        return ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-    return get_config(str(name_or_dir))
-
-
-def model_id(name_or_dir: str | os.PathLike) -> str:
-    """The ``model`` value a scoring run with this model writes (config name @ weights hash): what resume and
-    curation compare score rows with. A checkpoint's is read from its weights file without building it."""
-    directory = checkpoint_dir(name_or_dir)
-    if directory is None:
-        return create_model(name_or_dir, with_semantic=False, with_prompt=False).model_id
-    cfg = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-    sd = load_file(str(directory / WEIGHTS_FILE))
-    if cfg.quality.freeze_backbone and cfg.quality.pretrained is not None:  # as trainable_state_dict() does
-        sd = {k: v for k, v in sd.items() if not k.startswith("quality.backbone.")}
-    return f"{cfg.name}@{weights_hash(sd)}"
 
 
 def load_semantic(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu") -> SemanticExtractor:

@@ -293,28 +293,32 @@ class ScoreImages:
 class WriteParts:
     """Writes each batch of score rows as one Parquet part, named by a hash of its model and ids so that a
     retried write replaces its own file (and another model's scores of the same images never do); returns one
-    line of counts per part for the job's summary."""
+    line of counts per part (and the model that scored it) for the job's summary."""
 
     def __init__(self, output_uri: str):
         self.output_uri = output_uri
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if len(table) == 0:
-            return pa.table({"rows": pa.array([], pa.int64()), "ok": pa.array([], pa.int64()), "errors": pa.array([], pa.string())})
+            return pa.table({"rows": pa.array([], pa.int64()), "ok": pa.array([], pa.int64()),
+                             "errors": pa.array([], pa.string()), "model": pa.array([], pa.string())})
         keys = [table["model"][0].as_py(), *sorted(table["image_id"].to_pylist())]
         digest = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:20]
         write_part_atomically(table, self.output_uri, f"part-{digest}.parquet")
         ok = int(pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0)
         kinds = Counter(e.split(":", 1)[0] for e in table["error"].to_pylist() if e is not None)
-        return pa.table({"rows": [len(table)], "ok": [ok], "errors": [json.dumps(dict(kinds))]})
+        return pa.table({"rows": [len(table)], "ok": [ok], "errors": [json.dumps(dict(kinds))], "model": [keys[0]]})
 
 
 def summarise(counts: list[dict]) -> dict:
-    """Adds up the per-part counts returned by WriteParts."""
+    """Adds up the per-part counts returned by WriteParts; ``model_id`` is the model of the rows written."""
     kinds: Counter = Counter()
     for c in counts:
         kinds.update(json.loads(c["errors"]))
     rows = sum(c["rows"] for c in counts)
     ok = sum(c["ok"] for c in counts)
-    return {"rows": rows, "ok": ok, "errors": rows - ok, "errors_by_kind": dict(sorted(kinds.items()))}
+    summary = {"rows": rows, "ok": ok, "errors": rows - ok, "errors_by_kind": dict(sorted(kinds.items()))}
+    if counts:
+        summary["model_id"] = counts[0]["model"]
+    return summary
 

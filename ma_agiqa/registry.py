@@ -11,11 +11,11 @@ from .config import (
     ModelConfig,
     PromptConfig,
     QualityConfig,
+    QualityViews,
     SemanticConfig,
     TrainConfig,
     experts_for,
 )
-from .images import QualityViews
 
 _REGISTRY: dict[str, Callable[[], ModelConfig]] = {}
 

@@ -95,7 +95,7 @@ def semantic_features(model_ref: str, cfg, df: pd.DataFrame, root: Path, address
     from jobs import score
 
     from .hub import fingerprint
-    from .model import checkpoint_dir
+    from .checkpoint import checkpoint_dir
 
     base = checkpoint_dir(model_ref)
     weights = fingerprint(cfg.semantic.model_id, str(base) if base else None, cfg.semantic.revision)

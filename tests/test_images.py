@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ma_agiqa.images import ImageError, QualityViews, augment, decode_image, quality_views
+from ma_agiqa.config import QualityViews
+from ma_agiqa.images import ImageError, augment, decode_image, quality_views
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

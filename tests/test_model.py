@@ -6,8 +6,8 @@ import torch
 
 import ma_agiqa
 from ma_agiqa import create_model, get_config, list_models
-from ma_agiqa.config import ExpertConfig, MoEConfig, ModelConfig
-from ma_agiqa.images import QualityViews
+from ma_agiqa.checkpoint import model_id
+from ma_agiqa.config import ExpertConfig, MoEConfig, ModelConfig, QualityViews
 from ma_agiqa.moe import MoEHead
 from ma_agiqa.semantic import SemanticExtractor, load_vlm, pool_hidden
 from ma_agiqa.hub import resolve
@@ -213,6 +213,7 @@ def test_trained_weights_change_the_checkpoint_hash(tmp_path):
     model.save_pretrained(tmp_path / "c")
     assert model.model_id != before  # saving names the weights as they are now
     assert ma_agiqa.from_pretrained(tmp_path / "c", with_semantic=False).model_id == model.model_id
+    assert model_id(tmp_path / "c") == model.model_id  # read from the file, as a job's driver does
 
 
 def test_loading_a_checkpoint_that_does_not_fit_its_config_fails(tmp_path):
@@ -255,12 +256,12 @@ def test_the_shipped_offline_checkpoint_scores_real_quality(agiqa_dir):
     from scipy import stats
 
     from ma_agiqa.images import decode_image
-    from ma_agiqa.model import shipped_checkpoint
+    from ma_agiqa.checkpoint import shipped_checkpoint
 
     directory = shipped_checkpoint("ma-agiqa-offline")
     assert directory is not None
     model = create_model("ma-agiqa-offline")
-    assert model.model_id == ma_agiqa.from_pretrained(directory).model_id
+    assert model.model_id == ma_agiqa.from_pretrained(directory).model_id == model_id("ma-agiqa-offline")
     # training starts from scratch, not from the shipped heads
     assert create_model("ma-agiqa-offline", shipped=False).model_id != model.model_id
     labels = pd.read_csv(agiqa_dir / "labels.csv").set_index("name")

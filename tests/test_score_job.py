@@ -2,12 +2,14 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import SAMPLE, bad_files, read_table, sample_rows
+from helpers import REPO, SAMPLE, bad_files, read_table, sample_rows
 from jobs import score
 from ma_agiqa.images import decode_image
 from ma_agiqa.schema import validate_score_table
@@ -86,8 +88,32 @@ def test_rerun_scores_only_what_is_missing(local_ray, tmp_path):
     assert second["already_scored"] == 12 and second["rows"] == 28
     third = run_job(*args)
     assert third["to_score"] == 0 and third["rows"] == 0
-    ids = read_table(str(tmp_path / "s"))["image_id"].to_pylist()
+    table = read_table(str(tmp_path / "s"))
+    ids = table["image_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 40
+    # a first run names its model from the rows it wrote, a resume works the id out before scoring: the same
+    assert first["model_id"] == second["model_id"] == third["model_id"] == table["model"][0].as_py()
+
+
+def test_the_driver_plans_a_job_without_torch(tmp_path):
+    """Planning a job (manifest, model config) and a checkpoint's model id read files only: torch, timm and
+    transformers stay out of the driver, whose seconds of imports would slow Ray's start on the same cores."""
+    from ma_agiqa.model import create_model
+
+    model = create_model("tiny-random", with_semantic=False)
+    model.save_pretrained(tmp_path / "ckpt")
+    code = (
+        "import json, sys\n"
+        "from jobs import score\n"
+        "from ma_agiqa.checkpoint import model_id\n"
+        f"args = score.parse_args(['--manifest', {str(SAMPLE / 'manifest.jsonl')!r}, '--output', 'unused', '--model', {str(tmp_path / 'ckpt')!r}])\n"
+        "spec, files, fmt = score.plan(args)\n"
+        "print(json.dumps({'experts': spec.experts, 'id': model_id(args.model),\n"
+        "                  'heavy': [m for m in ('torch', 'timm', 'transformers') if m in sys.modules]}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    planned = json.loads(out.stdout)
+    assert planned == {"experts": EXPERTS, "id": model.model_id, "heavy": []}
 
 
 def test_separate_stages_score_like_the_fused_default(local_ray, tmp_path):
