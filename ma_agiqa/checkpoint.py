@@ -20,25 +20,25 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def hash_weights(tensors: Iterable[tuple[str, bytes]]) -> str:
-    """The weights hash of a model id: sha256 over (name, raw little-endian bytes) in name order."""
+    """The weights hash of a model id: sha256 over (name, raw little-endian bytes) pairs given in name order
+    (one tensor's bytes at a time, never a copy of all the weights)."""
     h = hashlib.sha256()
-    for name, data in sorted(tensors, key=lambda t: t[0]):
+    for name, data in tensors:
         h.update(name.encode())
         h.update(data)
     return h.hexdigest()[:12]
 
 
-def stored_tensors(path: str | os.PathLike) -> Iterable[tuple[str, bytes]]:
-    """(name, raw bytes) of every tensor in a safetensors file, from its header's offsets: the file stores
-    each tensor's bytes as torch holds them, so hashing these equals hashing the loaded tensors."""
+def stored_tensors(path: str | os.PathLike) -> Iterable[tuple[str, memoryview]]:
+    """(name, raw bytes) of every tensor in a safetensors file in name order, from its header's offsets: the
+    file stores each tensor's bytes as torch holds them, so hashing these equals hashing the loaded tensors."""
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_len))
-        data = f.read()
-    for name, info in header.items():
-        if name != "__metadata__":
-            start, end = info["data_offsets"]
-            yield name, data[start:end]
+        data = memoryview(f.read())
+    for name in sorted(k for k in header if k != "__metadata__"):
+        start, end = header[name]["data_offsets"]
+        yield name, data[start:end]
 
 
 def shipped_checkpoint(name: str) -> Path | None:
@@ -82,5 +82,5 @@ def model_id(name_or_dir: str | os.PathLike) -> str:
     cfg = load_config(directory)
     tensors = stored_tensors(directory / WEIGHTS_FILE)
     if backbone_from_source(cfg):
-        tensors = [(k, v) for k, v in tensors if not k.startswith("quality.backbone.")]
+        tensors = ((k, v) for k, v in tensors if not k.startswith("quality.backbone."))
     return f"{cfg.name}@{hash_weights(tensors)}"

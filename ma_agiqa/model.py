@@ -139,8 +139,8 @@ class MAAGIQA(nn.Module):
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
     return hash_weights(
-        (k, v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too (BatchNorm counters)
-        for k, v in state_dict.items()
+        (k, state_dict[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too (BatchNorm counters)
+        for k in sorted(state_dict)
     )
 
 
