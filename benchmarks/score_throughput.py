@@ -5,8 +5,9 @@ Two kinds of measurement, both in one run:
 A. Commands, as a user runs them: wall time of a fresh process from launch to exit, Python start, imports,
    model loads and writing included, each repeated ``--repeats`` times, alternating, and the median kept:
    - the job: ``python -m jobs.score ...``, starting its local Ray;
-   - the job on a Ray already running (``ray start --head`` once, then ``--address``), as on a cluster or a
-     workstation that keeps one: no Ray start or shut-down in its time;
+   - the job on a Ray already running (``ray start --head`` before its run, then ``--address``), as on a
+     cluster or a workstation that keeps one: no Ray start or shut-down in its time; the running Ray is
+     stopped before the other two commands run, so that its idle processes do not share their cores;
    - a plain loop: ``python benchmarks/score_throughput.py --plain-loop ...``, one process doing the same steps
      (read manifest, fetch + decode + preprocess, the model, write Parquet) one batch after the other.
    The job's steady rate (images/s once its actors run) comes from Ray Data's progress log.
@@ -19,6 +20,9 @@ B. In one process whose imports are already paid:
 The figure we track: job / min(model only, decode only), toward 0.9.
 
     python benchmarks/score_throughput.py [--images 1000] [--repeats 3] [--model tiny-random] [--batch-size 16]
+
+``--images`` above the dataset's 2,385 lists its images again under new ids (``name#2``...), to find where the
+job's fixed start-up stops mattering; ``--no-in-process`` runs part A only.
 
 Runs unchanged on a GPU machine (the model actors take the GPU when Ray sees one).
 """
@@ -123,33 +127,49 @@ def start_head(cpus: int) -> tuple[subprocess.Popen, str]:
                          capture_output=True).returncode != 0:
         assert time.time() < deadline and head.poll() is None, "ray start --head did not come up"
         time.sleep(1)
+    time.sleep(10)  # a running Ray is an idle one: let its start-up (agents, prestarted workers) finish first
     return head, address
 
 
+def stop_head(head: subprocess.Popen) -> None:
+    """`ray stop` also ends the head's idle workers, which run in process groups of their own."""
+    subprocess.run(["ray", "stop"], capture_output=True, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    try:
+        os.killpg(head.pid, 9)
+    except ProcessLookupError:
+        pass
+    head.wait()
+
+
 def commands(args, work: Path, n: int, extra: list[str]) -> dict:
-    """Part A: the job (local Ray, then a running Ray) and the plain loop as fresh processes, alternating."""
-    head, address = start_head(os.cpu_count())
+    """Part A: the job with its own local Ray, the plain loop, then the job on a running Ray, as fresh
+    processes, alternating. The running Ray is started before and stopped after its own run only, so that
+    its idle processes take no CPU from the other two."""
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
-    names = ("job", "job on a running Ray", "loop")
-    times, steady = {k: [] for k in names}, {k: [] for k in names[:2]}
-    try:
-        for r in range(args.repeats):
-            for i, name in enumerate(names):
-                out, log = work / f"cmd-{r}-{i}", work / f"cmd-{r}-{i}.log"
-                argv = job_args(work / "manifest.parquet", DATA / "images", out, args.model, args.batch_size, extra)
-                if name == "loop":
-                    cmd = [sys.executable, str(Path(__file__).resolve()), "--plain-loop", *argv]
-                else:
-                    cmd = [sys.executable, "-m", "jobs.score", *argv, *(["--address", address] if "running" in name else [])]
+    names = ("job", "loop", "job on a running Ray")
+    times, steady = {k: [] for k in names}, {k: [] for k in names if k != "loop"}
+    for r in range(args.repeats):
+        for i, name in enumerate(names):
+            out, log = work / f"cmd-{r}-{i}", work / f"cmd-{r}-{i}.log"
+            argv = job_args(work / "manifest.parquet", DATA / "images", out, args.model, args.batch_size, extra)
+            head = None
+            if name == "loop":
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--plain-loop", *argv]
+            elif name == "job":
+                cmd = [sys.executable, "-m", "jobs.score", *argv]
+            else:
+                head, address = start_head(os.cpu_count())
+                cmd = [sys.executable, "-m", "jobs.score", *argv, "--address", address]
+            try:
                 times[name].append(time_command(cmd, log, env))
-                if name in steady:
-                    steady[name].append(steady_rate(log))
-                assert len(pq.read_table(out, columns=["image_id"])) == n, f"{name} wrote an incomplete table"
-                shutil.rmtree(out)
-    finally:
-        os.killpg(head.pid, 9)
-        head.wait()
+            finally:
+                if head is not None:
+                    stop_head(head)
+            if name in steady:
+                steady[name].append(steady_rate(log))
+            assert len(pq.read_table(out, columns=["image_id"])) == n, f"{name} wrote an incomplete table"
+            shutil.rmtree(out)
     median = {k: statistics.median(v) for k, v in times.items()}
     return {
         "wall_s": {k: [round(x, 1) for x in v] for k, v in times.items()},
@@ -229,18 +249,22 @@ def main():
     p.add_argument("--quality-actors", type=int, default=None, help="default: the job's")
     p.add_argument("--fuse", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--threads-per-actor", type=int, default=None)
+    p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True, help="part B")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ma_agiqa_bench_"))
-    names = sorted(os.listdir(DATA / "images"))[: args.images]
-    pq.write_table(pa.table({"uri": names}), work / "manifest.parquet")
+    images = sorted(os.listdir(DATA / "images"))
+    names = [images[i % len(images)] for i in range(args.images)]
+    ids = [name if i < len(images) else f"{name}#{i // len(images) + 1}" for i, name in enumerate(names)]
+    pq.write_table(pa.table({"id": ids, "uri": names}), work / "manifest.parquet")
     extra = ["--fuse", args.fuse,
              *(["--quality-actors", str(args.quality_actors)] if args.quality_actors else []),
              *(["--threads-per-actor", str(args.threads_per_actor)] if args.threads_per_actor else [])]
-    out = {"images": len(names), "model": args.model, "batch_size": args.batch_size, "job_options": extra}
+    out = {"images": len(names), "distinct_images": len(set(names)), "model": args.model, "batch_size": args.batch_size, "job_options": extra}
     if args.repeats:
         out["commands"] = commands(args, work, len(names), extra)
-    out["in_process"] = in_process(args, work, names, extra)
+    if args.in_process:
+        out["in_process"] = in_process(args, work, names, extra)
     print(json.dumps(out, indent=2))
     shutil.rmtree(work, ignore_errors=True)
 
