@@ -260,7 +260,8 @@ def main():
     extra = ["--fuse", args.fuse,
              *(["--quality-actors", str(args.quality_actors)] if args.quality_actors else []),
              *(["--threads-per-actor", str(args.threads_per_actor)] if args.threads_per_actor else [])]
-    out = {"images": len(names), "distinct_images": len(set(names)), "model": args.model, "batch_size": args.batch_size, "job_options": extra}
+    out = {"images": len(names), "distinct_images": len(set(names)), "model": args.model,
+           "batch_size": args.batch_size, "job_options": extra}
     if args.repeats:
         out["commands"] = commands(args, work, len(names), extra)
     if args.in_process:

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from ma_agiqa.checkpoint import model_id
+from ma_agiqa.checkpoint import load_config, model_id
 from ma_agiqa.pipeline import (
     AssignIds,
     DropDone,
@@ -108,8 +108,6 @@ def kept_columns(args) -> list[str]:
 
 def job_spec(args, schema: pa.Schema) -> JobSpec:
     """What every stage needs to know, from the model's config (read, not built) and the manifest's schema."""
-    from ma_agiqa.checkpoint import load_config
-
     try:
         cfg = load_config(args.model)
     except KeyError as e:  # neither a checkpoint directory nor a registered name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Iterable
@@ -31,14 +32,16 @@ def hash_weights(tensors: Iterable[tuple[str, bytes]]) -> str:
 
 def stored_tensors(path: str | os.PathLike) -> Iterable[tuple[str, memoryview]]:
     """(name, raw bytes) of every tensor in a safetensors file in name order, from its header's offsets: the
-    file stores each tensor's bytes as torch holds them, so hashing these equals hashing the loaded tensors."""
+    file stores each tensor's bytes as torch holds them, so hashing these equals hashing the loaded tensors.
+    The file is mapped, not read: the bytes come from the page cache one tensor at a time."""
     with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-        data = memoryview(f.read())
+        data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(bytes(data[8 : 8 + header_len]))
+    base = 8 + header_len
     for name in sorted(k for k in header if k != "__metadata__"):
         start, end = header[name]["data_offsets"]
-        yield name, data[start:end]
+        yield name, data[base + start : base + end]
 
 
 def shipped_checkpoint(name: str) -> Path | None:

@@ -183,7 +183,7 @@ def from_pretrained(
         if not directory.exists() and str(directory) in list_models():
             return create_model(str(directory), device, with_semantic, with_prompt)
         raise FileNotFoundError(f"{directory} is neither a checkpoint directory (no {CONFIG_FILE}) nor a registered model")
-    cfg = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    cfg = load_config(directory)
     sd = load_file(str(directory / WEIGHTS_FILE))
     backbone_in_file = any(k.startswith("quality.backbone.") for k in sd)
     model = _build(cfg, str(directory), device, with_semantic, with_prompt, load_backbone=not backbone_in_file)
