@@ -10,7 +10,10 @@ A. Commands, as a user runs them: wall time of a fresh process from launch to ex
      stopped before the other two commands run, so that its idle processes do not share their cores;
    - a plain loop: ``python benchmarks/score_throughput.py --plain-loop ...``, one process doing the same steps
      (read manifest, fetch + decode + preprocess, the model, write Parquet) one batch after the other.
-   The job's steady rate (images/s once its actors run) comes from Ray Data's progress log.
+   The job's steady rate (images/s once its actors run) comes from Ray Data's progress log. On Linux each
+   command's CPU time is counted too: the machine's busy CPU-seconds while it runs, split by kind of process
+   (model actors, the driver or loop, Ray's other processes); busy CPU-s / cores is the shortest wall time
+   that work can take here, whatever the schedule.
 B. In one process whose imports are already paid:
    - the job (``jobs.score.run``: Ray start, actor start-up and model loads included);
    - model only: the same model and batch size on pre-decoded inputs held in memory;
@@ -39,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -88,11 +92,81 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def time_command(cmd: list[str], log: Path, env=None) -> float:
+def machine_busy_cpu_s() -> float | None:
+    """CPU-seconds all cores have spent busy since boot (/proc/stat: user, nice, system, irq, softirq)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:8]]
+    except OSError:  # not Linux
+        return None
+    return (sum(ticks[:3]) + sum(ticks[5:7])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_kind(cmdline: str) -> str | None:
+    """Which part of a command a process is, from its command line (Ray names its workers by what they run)."""
+    if any(step in cmdline for step in ("ScoreImages", "ScoreRows", "SemanticFeatures")):
+        return "model actors"
+    if "jobs.score" in cmdline or "--plain-loop" in cmdline:
+        return "driver or loop process"
+    if "ray" in cmdline:
+        return "Ray's other processes"
+    return None  # kernel threads, anything else on the machine
+
+
+class CpuByProcess(threading.Thread):
+    """Adds up, by kind, the CPU time processes spend while a command runs, sampling /proc every 0.2 s.
+    A process that ends between two samples loses at most 0.2 s of its count."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.first, self.last, self.kind, self.done = {}, {}, {}, threading.Event()
+        self.sample(initial=True)
+
+    def sample(self, initial=False):
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            if pid == str(os.getpid()):  # this script
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            self.first.setdefault(pid, cpu if initial else 0.0)
+            self.last[pid] = cpu
+            self.kind[pid] = process_kind(cmdline) or self.kind.get(pid)
+
+    def run(self):
+        while not self.done.wait(0.2):
+            self.sample()
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.join()
+        self.sample()
+        totals = {}
+        for pid, kind in self.kind.items():
+            if kind:
+                totals[kind] = totals.get(kind, 0.0) + self.last[pid] - self.first[pid]
+        return totals
+
+
+def time_command(cmd: list[str], log: Path, env=None) -> tuple[float, float | None, dict]:
+    """(wall s, the machine's busy CPU-s, CPU-s by kind of process) of one run of ``cmd``."""
+    by_process = CpuByProcess() if os.path.isdir("/proc/self") else None
+    busy = machine_busy_cpu_s()
+    if by_process:
+        by_process.start()
     t = time.perf_counter()
-    with open(log, "w") as out:
-        subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    return time.perf_counter() - t
+    try:
+        with open(log, "w") as out:
+            subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    finally:
+        wall = time.perf_counter() - t
+        kinds = by_process.stop() if by_process else {}
+    return wall, machine_busy_cpu_s() - busy if busy is not None else None, kinds
 
 
 PROGRESS = re.compile(r"^(\S+ \S+),(\d+)\s+INFO logging_progress.py:\d+ -- MapBatches\(.*(ScoreImages|ScoreRows)\): (\d+)/")
@@ -149,6 +223,7 @@ def commands(args, work: Path, n: int, extra: list[str]) -> dict:
     env.pop("RAY_ADDRESS", None)
     names = ("job", "loop", "job on a running Ray")
     times, steady = {k: [] for k in names}, {k: [] for k in names if k != "loop"}
+    cpu, by_process = {k: [] for k in names}, {k: [] for k in names}
     for r in range(args.repeats):
         for i, name in enumerate(names):
             out, log = work / f"cmd-{r}-{i}", work / f"cmd-{r}-{i}.log"
@@ -162,7 +237,10 @@ def commands(args, work: Path, n: int, extra: list[str]) -> dict:
                 head, address = start_head(os.cpu_count())
                 cmd = [sys.executable, "-m", "jobs.score", *argv, "--address", address]
             try:
-                times[name].append(time_command(cmd, log, env))
+                wall, busy, kinds = time_command(cmd, log, env)
+                times[name].append(wall)
+                cpu[name].append(busy)
+                by_process[name].append(kinds)
             finally:
                 if head is not None:
                     stop_head(head)
@@ -171,6 +249,21 @@ def commands(args, work: Path, n: int, extra: list[str]) -> dict:
             assert len(pq.read_table(out, columns=["image_id"])) == n, f"{name} wrote an incomplete table"
             shutil.rmtree(out)
     median = {k: statistics.median(v) for k, v in times.items()}
+    cores = os.cpu_count()
+    cpu_out = {}
+    if all(x is not None for v in cpu.values() for x in v):
+        median_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+        cpu_out = {
+            "machine_busy_cpu_s": {k: [round(x, 1) for x in v] for k, v in cpu.items()},
+            "cores_used_median": {k: round(median_cpu[k] / median[k], 2) for k in names},
+            # No schedule of this much CPU work can end sooner on this machine's cores.
+            "wall_floor_s_median (busy cpu_s / cores)": {k: round(median_cpu[k] / cores, 1) for k in names},
+            "cpu_s_by_process_median": {
+                k: {kind: round(statistics.median(run.get(kind, 0.0) for run in runs), 1)
+                    for kind in sorted({kind for run in runs for kind in run})}
+                for k, runs in by_process.items()
+            },
+        }
     return {
         "wall_s": {k: [round(x, 1) for x in v] for k, v in times.items()},
         "images_per_s_median": {k: round(n / v, 1) for k, v in median.items()},
@@ -180,6 +273,7 @@ def commands(args, work: Path, n: int, extra: list[str]) -> dict:
         "job_on_running_ray_over_plain_loop_per_repeat": [
             round(l / j, 2) for j, l in zip(times["job on a running Ray"], times["loop"])],
         "job_over_plain_loop_of_medians": round(median["loop"] / median["job"], 2),
+        "cpu": cpu_out,
     }
 
 
