@@ -92,14 +92,19 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+TICK_S = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01  # /proc's unit of CPU time
+
+
 def machine_busy_cpu_s() -> float | None:
-    """CPU-seconds all cores have spent busy since boot (/proc/stat: user, nice, system, irq, softirq)."""
+    """CPU-seconds all cores have spent busy since boot (/proc/stat: user, nice, system, irq, softirq).
+    Between two readings this includes this script's own sampling thread (CpuByProcess), a fraction of a
+    CPU-second per command here: the gap between the machine's count and the loop's own process."""
     try:
         with open("/proc/stat") as f:
             ticks = [int(x) for x in f.readline().split()[1:8]]
     except OSError:  # not Linux
         return None
-    return (sum(ticks[:3]) + sum(ticks[5:7])) / os.sysconf("SC_CLK_TCK")
+    return (sum(ticks[:3]) + sum(ticks[5:7])) * TICK_S
 
 
 def process_kind(cmdline: str) -> str | None:
@@ -133,7 +138,7 @@ class CpuByProcess(threading.Thread):
                     cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            cpu = (int(fields[11]) + int(fields[12])) * TICK_S
             self.first.setdefault(pid, cpu if initial else 0.0)
             self.last[pid] = cpu
             self.kind[pid] = process_kind(cmdline) or self.kind.get(pid)
