@@ -15,11 +15,14 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import numpy as np
 import pyarrow as pa
 
 from ma_agiqa.checkpoint import load_config, model_id
+from ma_agiqa.errors import DEFAULT_MAX_PIXELS
 from ma_agiqa.pipeline import (
     AssignIds,
     DropDone,
@@ -31,16 +34,16 @@ from ma_agiqa.pipeline import (
     WriteParts,
     summarise,
 )
+from ma_agiqa.score_table import resume_state
 from ma_agiqa.storage import (
+    DEFAULT_MAX_BYTES,
     ManifestError,
+    count_rows,
     expand_manifest,
     join_uri,
     list_parts,
-    read_column,
-    read_columns,
-    read_manifest_schema,
-    read_manifest_table,
-    total_bytes,
+    read_manifest_file,
+    redact,
     write_json,
 )
 
@@ -51,7 +54,8 @@ SUMMARY_FILE = "_summary.json"
 def add_scoring_args(p: argparse.ArgumentParser) -> None:
     """The options of a scoring run besides its manifest and output (shared with jobs.curate)."""
     p.add_argument("--model", default="tiny-random", help="a registered model name or a checkpoint directory")
-    p.add_argument("--image-root", default=None, help="URI that relative manifest uris are resolved against")
+    p.add_argument("--image-root", default=None, help="URI that relative manifest uris are resolved against; every uri must lie inside it")
+    p.add_argument("--allow-outside-root", action="store_true", help="with --image-root, accept absolute uris outside it")
     p.add_argument("--address", default=None, help="Ray address; default RAY_ADDRESS, else a local Ray")
     p.add_argument("--batch-size", type=int, default=16, help="images per model batch")
     p.add_argument("--semantic-actors", type=int, default=1, help="actors hosting the MLLM")
@@ -63,9 +67,15 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
                    help="run both model stages in one actor pool of --quality-actors actors; auto: on when the cluster has no GPU")
     p.add_argument("--keep-columns", default="", help="comma-separated manifest columns to copy into the score table")
-    p.add_argument("--prompt-column", default="prompt", help="manifest column with the generation prompt (for a prompt expert)")
+    p.add_argument("--prompt-column", default=None,
+                   help="manifest column with the generation prompt, for a model with a prompt expert (default 'prompt'; '' scores without prompts)")
     p.add_argument("--keep-features", action="store_true", help="also write the semantic vectors (float16)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N manifest rows")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="objects larger than this are error rows, refused before they are read")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="images with more pixels are error rows, refused before decoding")
+    p.add_argument("--retry-errors", action="store_true", help="also score again the rows whose error is permanent (missing, not_image, ...)")
+    p.add_argument("--max-error-fraction", type=float, default=0.1,
+                   help="exit 3 (summary written) when more than this fraction of the run's rows are errors")
     p.add_argument("--s3-endpoint", default=None, help="endpoint of an S3-compatible store (sets AWS_ENDPOINT_URL)")
 
 
@@ -78,32 +88,94 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def scored_ids(output_uri: str, scorer: str) -> pa.Array:
-    """The image ids ``output_uri`` already holds a row for, scored by the model ``scorer`` (ok or error)."""
-    import pyarrow.compute as pc
-
-    done = read_columns(output_uri, ["image_id", "model"])
-    return done.filter(pc.equal(done["model"], scorer))["image_id"].combine_chunks()
-
-
-def check_manifest(args) -> tuple[list[str], str, pa.Schema]:
-    """The manifest's files, format and schema, checked before Ray starts: a manifest that cannot be used
-    (no `uri` column, unreadable, a kept column it lacks) raises ManifestError with a message for the user."""
-    files, fmt = expand_manifest(args.manifest)
-    schema = read_manifest_schema(files[0], fmt)
-    for f in files[1:50] if fmt == "parquet" else []:
-        if "uri" not in read_manifest_schema(f, fmt).names:
-            raise ManifestError(f"manifest file {f} has no 'uri' column")
-    if "uri" not in schema.names:
-        raise ManifestError(f"manifest file {files[0]} has no 'uri' column (columns: {', '.join(schema.names)})")
-    missing = [c for c in kept_columns(args) if c not in schema.names]
-    if missing:
-        raise ManifestError(f"--keep-columns names columns the manifest lacks: {missing} (columns: {', '.join(schema.names)})")
-    return files, fmt, schema
+class JobConfigError(ValueError):
+    """Settings that cannot run: the job stops with exit code 2 before Ray starts or any model loads."""
 
 
 def kept_columns(args) -> list[str]:
     return [c.strip() for c in args.keep_columns.split(",") if c.strip()]
+
+
+def check_options(args) -> None:
+    for name in ("batch_size", "rows_per_file", "max_bytes", "max_pixels", "semantic_actors"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise JobConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.limit is not None and args.limit < 0:
+        raise JobConfigError(f"--limit must be 0 or more, got {args.limit}")
+    if not 0 <= args.max_error_fraction <= 1:
+        raise JobConfigError(f"--max-error-fraction must be between 0 and 1, got {args.max_error_fraction}")
+
+
+def check_output(output: str, manifest_files: list[str], manifest_uri: str) -> None:
+    """--output must be a directory (or nothing yet), and never the manifest or a directory holding it."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(output)
+    if fs.exists(path) and not fs.isdir(path):
+        raise JobConfigError(f"--output {redact(output)} is an existing file; it must be a directory (the score table)")
+    out = path.rstrip("/")
+    for f in manifest_files:
+        _, fpath = fsspec.core.url_to_fs(f)
+        if fpath.rstrip("/") == out or fpath.startswith(out + "/"):
+            raise JobConfigError(f"--output {redact(output)} holds the manifest {redact(f)}: choose another directory")
+    if fsspec.core.url_to_fs(manifest_uri)[1].rstrip("/") == out:
+        raise JobConfigError(f"--output {redact(output)} is the manifest itself: choose another directory")
+
+
+@dataclass
+class Manifest:
+    """The manifest as the driver planned it: its rows (small manifests), or per file which rows to skip
+    (large ones, read again by Ray tasks), and the counts the summary reports."""
+
+    files: list[str]
+    fmt: str
+    schema: pa.Schema
+    rows: int  # manifest rows, within --limit
+    repeated: int  # rows whose image_id an earlier row already has: scored once, at the first
+    table: pa.Table | None = None  # the rows to score, when held in the driver
+    file_rows: list[int] | None = None  # else: rows of each file within --limit,
+    drop: dict[int, list[int]] | None = None  # and per file index the positions of repeated ids
+
+
+DRIVER_ROWS = 1_000_000  # manifests up to this many rows are handed to Ray from the driver
+
+
+def read_manifest(args, spec_for_ids) -> Manifest:
+    """Reads and checks every manifest file in the driver, before Ray starts: a file that cannot be parsed,
+    lacks ``uri`` or holds no row stops the job here, with the file and line. Rows that repeat an earlier
+    row's image_id are scored once (the first); the summary counts them."""
+    files, fmt = expand_manifest(args.manifest)
+    check_output(args.output, files, args.manifest)
+    tables, ids, schema, total = [], [], None, 0
+    for f in files:
+        table = read_manifest_file(f, fmt)
+        if "uri" not in table.column_names:
+            raise ManifestError(f"manifest file {redact(f)} has no 'uri' column (columns: {', '.join(table.column_names)})")
+        if args.limit is not None:
+            table = table.slice(0, max(0, args.limit - total))
+        total += len(table)
+        schema = table.schema if schema is None else pa.unify_schemas([schema, table.schema], promote_options="permissive")
+        ids.append(AssignIds(spec_for_ids)(table)["image_id"])
+        tables.append(table if sum(map(len, tables)) + len(table) <= DRIVER_ROWS else None)
+    if total == 0:
+        raise ManifestError(f"manifest {redact(args.manifest)} is empty: no rows" + (" within --limit" if args.limit == 0 else ""))
+    all_ids = pa.chunked_array([i.combine_chunks() if isinstance(i, pa.ChunkedArray) else i for i in ids], pa.string())
+    positions = pa.table({"image_id": all_ids, "pos": pa.array(np.arange(total, dtype=np.int64))})
+    first = positions.group_by("image_id").aggregate([("pos", "min")])["pos_min"].to_numpy()
+    keep = np.zeros(total, bool)
+    keep[first] = True
+    repeated = int(total - len(first))
+    if all(t is not None for t in tables):
+        table = pa.concat_tables(tables, promote_options="permissive")
+        return Manifest(files, fmt, schema, total, repeated, table=table.filter(pa.array(keep)))
+    drop, offset = {}, 0
+    for i, chunk in enumerate(ids):
+        repeats = np.flatnonzero(~keep[offset:offset + len(chunk)])
+        if len(repeats):
+            drop[i] = repeats.tolist()
+        offset += len(chunk)
+    return Manifest(files, fmt, schema, total, repeated, file_rows=[len(c) for c in ids], drop=drop)
 
 
 def job_spec(args, schema: pa.Schema) -> JobSpec:
@@ -113,6 +185,16 @@ def job_spec(args, schema: pa.Schema) -> JobSpec:
     except KeyError as e:  # neither a checkpoint directory nor a registered name
         raise JobConfigError(f"--model {args.model}: {e.args[0]}") from None
     uses_prompt = any(e.source == "prompt" for e in cfg.moe.experts)
+    prompt_column = "prompt" if args.prompt_column is None else args.prompt_column
+    if prompt_column and prompt_column not in schema.names and (args.prompt_column is not None or uses_prompt):
+        raise JobConfigError(
+            f"--prompt-column {prompt_column!r}: the manifest has no such column (columns: {', '.join(schema.names)})"
+            + ("; pass --prompt-column '' to score without prompts" if uses_prompt else "")
+        )
+    keep = kept_columns(args)
+    missing = [c for c in keep if c not in schema.names]
+    if missing:
+        raise JobConfigError(f"--keep-columns names columns the manifest lacks: {missing} (columns: {', '.join(schema.names)})")
     spec = JobSpec(
         model=args.model,
         experts=cfg.expert_names,
@@ -120,23 +202,26 @@ def job_spec(args, schema: pa.Schema) -> JobSpec:
         semantic_prompts={name: cfg.semantic.hidden_size for name in cfg.semantic.prompts} if cfg.semantic else {},
         semantic_max_side=cfg.semantic.max_image_side if cfg.semantic else 1024,
         image_root=args.image_root,
-        keep_columns={c: schema.field(c).type for c in kept_columns(args)},
+        allow_outside_root=args.allow_outside_root,
+        keep_columns={c: schema.field(c).type for c in keep},
         keep_features=args.keep_features,
-        prompt_column=args.prompt_column if uses_prompt and args.prompt_column in schema.names else None,
+        prompt_column=prompt_column if uses_prompt and prompt_column else None,
+        max_pixels=args.max_pixels,
+        max_bytes=args.max_bytes,
     )
-    spec.output_schema()  # kept columns must not clash with the score table's
+    try:
+        spec.output_schema()
+    except ValueError as e:  # a kept column named like a score table column
+        raise JobConfigError(f"--keep-columns: {e}") from None
     return spec
 
 
-def plan(args) -> tuple[JobSpec, list[str], str]:
-    """Everything that can be checked before Ray starts or a model loads: the manifest, the columns, the
-    model's config."""
-    files, fmt, schema = check_manifest(args)
-    return job_spec(args, schema), files, fmt
-
-
-class JobConfigError(ValueError):
-    """Settings that cannot run on this cluster: the job stops before any model loads."""
+def plan(args) -> tuple[JobSpec, Manifest]:
+    """Everything that can be checked before Ray starts or a model loads: the options, the output, every
+    manifest line, the columns, the model's config."""
+    check_options(args)
+    manifest = read_manifest(args, JobSpec(model=args.model, experts=[], views=None))
+    return job_spec(args, manifest.schema), manifest
 
 
 def quality_actor_count(args, gpus: float, cluster_cpus: float) -> int:
@@ -166,36 +251,44 @@ def actor_cpus(args, gpus: float, spec: JobSpec, cluster_cpus: float, fused: boo
     return min(wanted, room / n_actors)
 
 
-SMALL_MANIFEST_BYTES = 64 << 20  # read in the driver below this: Ray Data's read tasks cost seconds
+class ReadManifestFiles:
+    """A Ray task's share of a large manifest: its files read with the driver's reader, cut at --limit, ids
+    assigned, and the repeated ids and those already scored dropped."""
+
+    def __init__(self, manifest: Manifest, spec: JobSpec, done):
+        self.fmt, self.file_rows, self.drop = manifest.fmt, manifest.file_rows, manifest.drop
+        self.spec, self.done = spec, done
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for index, uri in zip(batch["index"].to_pylist(), batch["file"].to_pylist()):
+            table = read_manifest_file(uri, self.fmt).slice(0, self.file_rows[index])
+            keep = np.ones(len(table), bool)
+            keep[self.drop.get(index, [])] = False
+            out.append(DropDone(self.done)(AssignIds(self.spec)(table.filter(pa.array(keep)))))
+        return pa.concat_tables(out, promote_options="permissive")
 
 
-def rows_to_score(files: list[str], fmt: str, spec: JobSpec, done, limit: int | None, batch_size: int):
+def rows_to_score(manifest: Manifest, spec: JobSpec, done, batch_size: int):
     """(Ray Dataset of the manifest rows still to score, in blocks of about ``batch_size`` rows, their count).
 
-    A small manifest is read in the driver and handed over as one block per batch: Ray Data's read and
-    repartition tasks would cost seconds of worker start-up. A large one is read by Ray Data's parallel
-    readers, read once and materialised: the count decides whether any model needs to load, and the pipeline
-    starts from these blocks instead of reading the manifest again."""
+    A manifest the driver holds goes to Ray as one block per batch: Ray Data's read and repartition tasks
+    would cost seconds of worker start-up. A larger one is read again by Ray tasks, a file each, with the
+    same reader, and materialised: the count decides whether any model needs to load."""
     import ray.data
 
-    if len(files) <= 64 and total_bytes(files) <= SMALL_MANIFEST_BYTES:
-        table = read_manifest_table(files, fmt)
-        table = DropDone(done)(AssignIds(spec)(table.slice(0, limit) if limit is not None else table))
+    if manifest.table is not None:
+        table = DropDone(done)(AssignIds(spec)(manifest.table))
         blocks = [table.slice(i, batch_size) for i in range(0, len(table), batch_size)] or [table]
         # from_blocks, unlike from_arrow, keeps the blocks as they are and reads their metadata here rather
         # than in a remote task per block.
         return ray.data.from_blocks(blocks), len(table)
-    if fmt == "parquet":
-        ds = ray.data.read_parquet(files, file_extensions=None)
-    elif fmt == "csv":
-        ds = ray.data.read_csv(files, file_extensions=None)
-    else:
-        ds = ray.data.read_json(files, lines=True, file_extensions=None)
-    if limit is not None:
-        ds = ds.limit(limit)
-    ds = ds.map_batches(AssignIds(spec), batch_format="pyarrow")
-    todo = ds.map_batches(DropDone(done), batch_format="pyarrow").materialize()
-    # Manifest files come in few large blocks: split them so that every actor gets work.
+    files = [{"index": i, "file": f} for i, f in enumerate(manifest.files) if manifest.file_rows[i]]
+    todo = (
+        ray.data.from_items(files, override_num_blocks=len(files))
+        .map_batches(ReadManifestFiles(manifest, spec, done), batch_size=1, batch_format="pyarrow")
+        .materialize()
+    )
     return todo.repartition(target_num_rows_per_block=batch_size), todo.count()
 
 
@@ -228,7 +321,7 @@ def run(args) -> dict:
 
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
-    spec, files, fmt = plan(args)
+    spec, manifest = plan(args)
     init_ray(args.address, args.s3_endpoint)
     started = time.time()  # the summary's images/s count from here: Ray up
 
@@ -247,23 +340,27 @@ def run(args) -> dict:
     # What this run's rows will say in their model column, needed only to resume: working it out can mean
     # building the model, which a first run leaves to the actors.
     scorer = model_id(args.model) if list_parts(args.output) else None
-    done = scored_ids(args.output, scorer) if scorer else pa.array([], pa.string())
-    todo, n_todo = rows_to_score(files, fmt, spec, done, args.limit, args.batch_size)
+    done, retried = resume_state(args.output, scorer, args.retry_errors) if scorer else (pa.array([], pa.string()), 0)
+    todo, n_todo = rows_to_score(manifest, spec, done, args.batch_size)
     summary = {
         "model_stages": "fused" if fused else "separate", "decode": "in the model actors" if decode_in_actors else "tasks",
         "quality_actors": args.quality_actors,
         "threads_per_actor": threads, "cpus_per_actor": cpus,
-        "manifest": args.manifest, "output": args.output, "model": args.model, "model_id": scorer,
-        "already_scored": len(done), "to_score": n_todo,
+        "manifest": redact(args.manifest), "output": redact(args.output), "model": args.model, "model_id": scorer,
+        "manifest_rows": manifest.rows, "repeated_ids": manifest.repeated,
+        "already_scored": manifest.rows - manifest.repeated - n_todo, "retried": min(retried, n_todo), "to_score": n_todo,
     }
     if n_todo:
+        # Decoding holds at most JobSpec.decode_memory() bytes per process; Ray is told, so it does not
+        # pack more decoders onto a node than its memory holds.
+        memory = spec.decode_memory()
         todo = todo.map_batches(
             FetchDecode(spec), batch_size=args.batch_size, batch_format="pyarrow",
             # With GPUs: one CPU per decode task, unlike the model actors, so that Ray Data keeps decoding in
             # parallel tasks running ahead of the GPU actors. Fused on CPUs: the model actors' resources, so
             # that Ray Data fuses decoding into them and each actor takes its rows from manifest row to score,
             # with no decoded pixels moved between processes.
-            num_cpus=cpus if decode_in_actors else 1,
+            num_cpus=cpus if decode_in_actors else 1, memory=memory,
         )
         if fused:
             stages = [(ScoreImages, args.quality_actors)]
@@ -273,7 +370,7 @@ def run(args) -> dict:
         for stage, size in stages:  # fixed-size pools: models load once per actor, not per batch
             todo = todo.map_batches(
                 stage, fn_constructor_args=(spec, gpus, threads), batch_size=args.batch_size, batch_format="pyarrow",
-                num_gpus=gpus, num_cpus=cpus,
+                num_gpus=gpus, num_cpus=cpus, memory=memory if decode_in_actors else None,
                 compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2),
             )
         counts = todo.map_batches(
@@ -286,11 +383,14 @@ def run(args) -> dict:
         summary["model_id"] = model_id(args.model)
     elapsed = time.time() - started
     summary.update(
-        table_rows=len(read_column(args.output, "image_id")),
+        table_rows=count_rows(args.output),  # counted now, from the parts' footers
         elapsed_s=round(elapsed, 2),
         images_per_s=round(summary["rows"] / elapsed, 2) if summary["rows"] else 0.0,
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+    summary["error_fraction"] = round(summary["errors"] / summary["rows"], 4) if summary["rows"] else 0.0
+    summary["max_error_fraction"] = args.max_error_fraction
+    summary["failed"] = summary["error_fraction"] > args.max_error_fraction
     write_json(json.dumps(summary, indent=2) + "\n", join_uri(args.output, SUMMARY_FILE))
     return summary
 
@@ -306,10 +406,18 @@ def main(argv=None) -> int:
     except JobConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the parts written so far are kept; run the same command again to resume into {redact(args.output)}",
+              file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=2))
     if summary["to_score"] == 0:
-        print(f"nothing to do: all {summary['already_scored']} rows of the manifest are already in {args.output}")
-    print(f"score table: {args.output} ({summary['table_rows']} rows; summary in {join_uri(args.output, SUMMARY_FILE)})")
+        print(f"nothing to do: all {summary['already_scored']} rows of the manifest are already in {redact(args.output)}")
+    print(f"score table: {redact(args.output)} ({summary['table_rows']} rows; summary in {redact(join_uri(args.output, SUMMARY_FILE))})")
+    if summary["failed"]:
+        print(f"error: {summary['errors']} of {summary['rows']} rows failed ({summary['error_fraction']:.1%}), over "
+              f"--max-error-fraction {args.max_error_fraction:g}; errors by kind: {summary['errors_by_kind']}", file=sys.stderr)
+        return 3
     return 0
 
 

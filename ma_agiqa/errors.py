@@ -3,11 +3,27 @@ torch: a filter or manifest check should not pay for it."""
 
 # 50 megapixels: 7071x7071. Generated images are rarely over 4096x4096 (16.8 MP).
 DEFAULT_MAX_PIXELS = 50_000_000
+# Longer side / shorter side above this is refused: a 224x224 view of a 1x10000 strip means nothing, and a
+# 1-pixel side breaks resizing.
+MAX_ASPECT_RATIO = 20.0
+
+# Error kinds (the part of a row's ``error`` before the colon). Transient ones can pass on another try, so
+# the next run of the same command retries them; the others are the image's own and stay unless
+# --retry-errors asks.
+TRANSIENT_KINDS = frozenset({"fetch", "timeout", "model", "oom"})
+PERMANENT_KINDS = frozenset({
+    "missing", "empty", "not_image", "truncated", "too_large", "extreme_aspect", "bad_mode", "decode",
+    "unsupported_scheme", "escapes_root", "missing_uri", "nonfinite",
+})
+
+
+def error_kind(error: str | None) -> str | None:
+    return None if error is None else error.split(":", 1)[0]
 
 
 class ImageError(ValueError):
-    """A per-image failure that becomes the row's error: ``kind`` is one of missing, fetch, empty, not_image,
-    truncated, too_large, bad_mode, unsupported_scheme, escapes_root, missing_uri."""
+    """A per-image failure that becomes the row's error: ``kind`` is one of TRANSIENT_KINDS or
+    PERMANENT_KINDS."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(f"{kind}: {message}")

@@ -14,10 +14,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import QualityViews
-from .errors import DEFAULT_MAX_PIXELS, ImageError
+from .errors import DEFAULT_MAX_PIXELS, MAX_ASPECT_RATIO, ImageError
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = MAX_ASPECT_RATIO) -> Image.Image:
     """Decode bytes into an RGB image with its EXIF orientation applied.
 
     The size is checked from the header before any pixel is decoded, so a decompression bomb costs
@@ -42,6 +42,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             raise ImageError(
                 "too_large", f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
             )
+        if max(width, height) / min(width, height) > max_aspect:
+            raise ImageError("extreme_aspect", f"{width}x{height} is more than {max_aspect:g} times longer than it is wide")
         try:
             img.load()
         except (OSError, SyntaxError, ValueError) as e:

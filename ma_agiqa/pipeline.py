@@ -23,14 +23,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import DEFAULT_MAX_PIXELS, ImageError
+from .errors import DEFAULT_MAX_PIXELS, ImageError, error_kind
 from .schema import STATUS_ERROR, STATUS_OK, feature_column, gate_column, score_schema
-from .storage import Fetcher, resolve_image_uri, stable_id, write_part_atomically
+from .storage import DEFAULT_MAX_BYTES, Fetcher, redact_text, resolve_image_uri, stable_id, write_part_atomically
 
 # Columns the steps add for each other; none reaches the score table.
 PIXELS = "_quality_pixels"
 SEM_PIXELS, SEM_H, SEM_W = "_semantic_pixels", "_semantic_h", "_semantic_w"
 PROMPT = "_prompt"
+FALLBACK = "_fallback"  # 1 on one row of each batch that a model stage had to score row by row
 
 
 @dataclass
@@ -47,7 +48,15 @@ class JobSpec:
     keep_features: bool = False
     prompt_column: str | None = None  # the manifest column that holds the generation prompt
     max_pixels: int = DEFAULT_MAX_PIXELS
-    fetch_threads: int = 16
+    max_bytes: int = DEFAULT_MAX_BYTES
+    allow_outside_root: bool = False
+    fetch_threads: int = 8
+    decode_slots: int = 2  # images decoded at once per process: bounds decode memory
+
+    def decode_memory(self) -> int:
+        """Bytes a process that fetches and decodes a batch can hold at once: every fetch thread's object at
+        the --max-bytes limit, and every decode slot's image at the pixel limit (4 bytes a pixel, as RGBA)."""
+        return self.fetch_threads * self.max_bytes + self.decode_slots * self.max_pixels * 4
 
     def output_schema(self) -> pa.Schema:
         return score_schema(self.experts, self.keep_columns, self.semantic_prompts if self.keep_features else None)
@@ -101,30 +110,42 @@ class DropDone:
 
 class FetchDecode:
     """Reads the bytes of each row's image concurrently, decodes and preprocesses them with the library's
-    one preprocessing; a failure becomes the row's error."""
+    one preprocessing; anything that fails for one row becomes that row's error. Fetches run in
+    ``fetch_threads`` threads, decoding in at most ``decode_slots`` of them at once, so the memory a batch
+    can take is bounded (``JobSpec.decode_memory``)."""
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
-        self.fetcher = Fetcher()
+        self.fetcher = Fetcher(spec.max_bytes)
+        self.decoding = None  # made in the worker: a lock does not travel to it
 
     def _one(self, uri):
         from .images import decode_image, quality_pixels, resize_for_semantic
 
         try:
-            img = decode_image(self.fetcher.fetch(resolve_image_uri(uri, self.spec.image_root)), self.spec.max_pixels)
+            data = self.fetcher.fetch(resolve_image_uri(uri, self.spec.image_root, self.spec.allow_outside_root))
+            with self.decoding:
+                img = decode_image(data, self.spec.max_pixels)
+                del data
+                width, height = img.size
+                pixels = quality_pixels(img, self.spec.views).numpy().tobytes()
+                sem = None
+                if self.spec.semantic_prompts:
+                    small = resize_for_semantic(img, self.spec.semantic_max_side)
+                    sem = (np.asarray(small, dtype=np.uint8).tobytes(), small.size[1], small.size[0])
+            return (width, height, pixels, sem), None
         except ImageError as e:
             return None, f"{e.kind}: {e.message}"
-        except Exception as e:  # noqa: BLE001 - never lose a row to an unexpected decoder failure
-            return None, f"decode: {type(e).__name__}: {e}"
-        width, height = img.size
-        pixels = quality_pixels(img, self.spec.views).numpy().tobytes()
-        sem = None
-        if self.spec.semantic_prompts:
-            small = resize_for_semantic(img, self.spec.semantic_max_side)
-            sem = (np.asarray(small, dtype=np.uint8).tobytes(), small.size[1], small.size[0])
-        return (width, height, pixels, sem), None
+        except MemoryError:
+            return None, "oom: out of memory while decoding"
+        except Exception as e:  # noqa: BLE001 - never lose a row to an unexpected decoder or resize failure
+            return None, f"decode: {type(e).__name__}: {redact_text(str(e))[:200]}"
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if self.decoding is None:
+            import threading
+
+            self.decoding = threading.BoundedSemaphore(self.spec.decode_slots)
         with ThreadPoolExecutor(max_workers=self.spec.fetch_threads) as pool:
             results = list(pool.map(self._one, table["uri"].to_pylist()))
         ok = [r is not None for r, _ in results]
@@ -133,11 +154,28 @@ class FetchDecode:
         table = table.append_column("width", pa.array([r[0] if r else None for r, _ in results], pa.int32()))
         table = table.append_column("height", pa.array([r[1] if r else None for r, _ in results], pa.int32()))
         table = table.append_column(PIXELS, pa.array([r[2] if r else None for r, _ in results], pa.large_binary()))
+        table = table.append_column(FALLBACK, pa.array(np.zeros(len(table), np.int8)))
         if self.spec.semantic_prompts:
             table = table.append_column(SEM_PIXELS, pa.array([r[3][0] if r else None for r, _ in results], pa.large_binary()))
             table = table.append_column(SEM_H, pa.array([r[3][1] if r else None for r, _ in results], pa.int32()))
             table = table.append_column(SEM_W, pa.array([r[3][2] if r else None for r, _ in results], pa.int32()))
         return table
+
+
+def model_error(stage: str, e: BaseException) -> str:
+    """A model stage's failure on one row: ``oom`` when memory ran out, else ``model`` (both transient)."""
+    text = f"{type(e).__name__}: {redact_text(str(e))[:200]}"
+    if isinstance(e, MemoryError) or "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError":
+        return f"oom: {stage}: {text}"
+    return f"model: {stage}: {text}"
+
+
+def _mark_fallback(table: pa.Table) -> pa.Table:
+    if FALLBACK not in table.column_names or len(table) == 0:
+        return table
+    flags = np.zeros(len(table), np.int8)
+    flags[0] = 1
+    return table.set_column(table.column_names.index(FALLBACK), FALLBACK, pa.array(flags))
 
 
 def _ok_rows(table: pa.Table) -> np.ndarray:
@@ -183,13 +221,14 @@ class SemanticFeatures:
                 for name in feats:
                     feats[name][rows] = out[name].cpu().numpy()
             except Exception:  # noqa: BLE001 - isolate the row that breaks the model, keep the others
+                table = _mark_fallback(table)
                 for i, img in zip(rows, images):
                     try:
                         one = self.extractor([img])
                         for name in feats:
                             feats[name][i] = one[name][0].cpu().numpy()
                     except Exception as e:  # noqa: BLE001
-                        failed.append((int(i), f"semantic: {type(e).__name__}: {str(e)[:200]}"))
+                        failed.append((int(i), model_error("semantic", e)))
             for i, message in failed:
                 table = _set_errors(table, [i], message)
         table = table.drop_columns([SEM_PIXELS, SEM_H, SEM_W])
@@ -246,14 +285,17 @@ class ScoreRows:
             try:
                 scores[rows], gates[rows] = self._score(table, rows)
             except Exception:  # noqa: BLE001 - isolate the failing row
-                failed = []
+                table = _mark_fallback(table)
                 for i in rows:
                     try:
                         s, g = self._score(table, np.array([i]))
                         scores[i], gates[i] = s[0], g[0]
                     except Exception as e:  # noqa: BLE001
-                        failed.append(int(i))
-                        table = _set_errors(table, [int(i)], f"quality: {type(e).__name__}: {str(e)[:200]}")
+                        table = _set_errors(table, [int(i)], model_error("quality", e))
+            ok_now = pc.equal(table["status"], STATUS_OK).to_numpy(zero_copy_only=False)
+            bad = [int(i) for i in rows if ok_now[i] and not (np.isfinite(scores[i]) and np.isfinite(gates[i]).all())]
+            if bad:
+                table = _set_errors(table, bad, "nonfinite: the model gave a non-finite score or gate")
         ok = pc.equal(table["status"], STATUS_OK).to_numpy(zero_copy_only=False)
         columns = {
             "image_id": table["image_id"],
@@ -270,11 +312,13 @@ class ScoreRows:
         )
         for name in self.spec.keep_columns:
             columns[name] = table[name]
+        fallback = table[FALLBACK] if FALLBACK in table.column_names else pa.array(np.zeros(n, np.int8))
         if self.spec.keep_features:
             for name, dim in self.spec.semantic_prompts.items():
                 values = table[feature_column(name)].combine_chunks().flatten().to_numpy().astype(np.float16)
                 columns[feature_column(name)] = pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float16()), dim)
-        return pa.Table.from_pydict(columns, schema=self.schema)
+        out = pa.Table.from_pydict(columns, schema=self.schema)
+        return out.append_column(FALLBACK, fallback)  # for WriteParts' counts; not written
 
 
 class ScoreImages:
@@ -291,9 +335,13 @@ class ScoreImages:
 
 
 class WriteParts:
-    """Writes each batch of score rows as one Parquet part, named by a hash of its model and ids so that a
-    retried write replaces its own file (and another model's scores of the same images never do); returns one
-    line of counts per part (and the model that scored it) for the job's summary."""
+    """Writes each batch of score rows as one Parquet part, named by a hash of its model and ids, and returns
+    one line of counts per part for the job's summary.
+
+    A run scores each image_id once, so within a run two parts never share a name; a Ray retry of a write
+    replaces its own file. A later run writes an id again only to retry its error row; the row that replaces
+    it may land in another part, and readers take the current row per (image_id, model) by the table's one
+    rule (``schema.CURRENT_ROW_ORDER``)."""
 
     def __init__(self, output_uri: str):
         self.output_uri = output_uri
@@ -301,13 +349,18 @@ class WriteParts:
     def __call__(self, table: pa.Table) -> pa.Table:
         if len(table) == 0:
             return pa.table({"rows": pa.array([], pa.int64()), "ok": pa.array([], pa.int64()),
-                             "errors": pa.array([], pa.string()), "model": pa.array([], pa.string())})
+                             "errors": pa.array([], pa.string()), "model": pa.array([], pa.string()),
+                             "fallback_batches": pa.array([], pa.int64())})
+        fallback = int(pc.sum(table[FALLBACK]).as_py() or 0) if FALLBACK in table.column_names else 0
+        if FALLBACK in table.column_names:
+            table = table.drop_columns([FALLBACK])
         keys = [table["model"][0].as_py(), *sorted(table["image_id"].to_pylist())]
         digest = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:20]
         write_part_atomically(table, self.output_uri, f"part-{digest}.parquet")
         ok = int(pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0)
-        kinds = Counter(e.split(":", 1)[0] for e in table["error"].to_pylist() if e is not None)
-        return pa.table({"rows": [len(table)], "ok": [ok], "errors": [json.dumps(dict(kinds))], "model": [keys[0]]})
+        kinds = Counter(error_kind(e) for e in table["error"].to_pylist() if e is not None)
+        return pa.table({"rows": [len(table)], "ok": [ok], "errors": [json.dumps(dict(kinds))], "model": [keys[0]],
+                         "fallback_batches": [fallback]})
 
 
 def summarise(counts: list[dict]) -> dict:
@@ -317,8 +370,8 @@ def summarise(counts: list[dict]) -> dict:
         kinds.update(json.loads(c["errors"]))
     rows = sum(c["rows"] for c in counts)
     ok = sum(c["ok"] for c in counts)
-    summary = {"rows": rows, "ok": ok, "errors": rows - ok, "errors_by_kind": dict(sorted(kinds.items()))}
+    summary = {"rows": rows, "ok": ok, "errors": rows - ok, "errors_by_kind": dict(sorted(kinds.items())),
+               "batches_scored_row_by_row": sum(c.get("fallback_batches", 0) for c in counts)}
     if counts:
         summary["model_id"] = counts[0]["model"]
     return summary
-

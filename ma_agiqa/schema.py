@@ -69,3 +69,11 @@ def validate_score_table(table: pa.Table, experts: list[str]) -> None:
         raise ValueError("error must be set exactly on error rows")
     if table["image_id"].null_count:
         raise ValueError("image_id must never be null")
+
+
+# The table's one rule for its current rows. A run writes an image_id again only to retry its error row, so a
+# table can hold superseded rows (and, for a moment during compaction, copies): per (image_id, model) the
+# current row is the ok one, else the latest. Every reader (the job's resume, jobs.filter, jobs.report,
+# ma_agiqa.read_scores) orders by this and takes the first row.
+CURRENT_ROW_ORDER = f"(status = '{STATUS_OK}') DESC, scored_at DESC, uri"
+CURRENT_ROW_KEY = ("image_id", "model")

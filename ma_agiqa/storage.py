@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import posixpath
 import uuid
 
@@ -36,33 +37,86 @@ def stable_id(uri: str) -> str:
     return hashlib.sha1(uri.encode("utf-8")).hexdigest()[:20]
 
 
-def resolve_image_uri(uri, image_root: str | None) -> str:
-    """The absolute URI of a manifest's ``uri`` value, or an ImageError that says why it has none."""
+def redact(uri) -> str:
+    """A URI fit for logs and error messages: without its query string and fragment, where pre-signed URLs
+    carry their credentials, and without a user:password@ part."""
+    text = str(uri)
+    for sep in ("?", "#"):
+        text = text.split(sep, 1)[0]
+    if "://" in text:
+        scheme, rest = text.split("://", 1)
+        host, slash, path = rest.partition("/")
+        text = f"{scheme}://{host.rsplit('@', 1)[-1]}{slash}{path}"
+    return text
+
+
+def resolve_image_uri(uri, image_root: str | None, allow_outside_root: bool = False) -> str:
+    """The absolute URI of a manifest's ``uri`` value, or an ImageError that says why it has none.
+
+    With an ``image_root`` every URI must lie inside it (``escapes_root`` otherwise), remote ones included,
+    and a local path is judged after its symlinks are followed, so a link inside the root that points out of
+    it is refused too; ``allow_outside_root`` lifts the confinement of absolute URIs."""
     if uri is None or (isinstance(uri, float)) or not str(uri).strip():
         raise ImageError("missing_uri", "the row has no uri")
     uri = str(uri).strip()
     scheme = scheme_of(uri)
     if scheme and scheme not in REMOTE_SCHEMES | LOCAL_SCHEMES:
-        raise ImageError("unsupported_scheme", f"unsupported URI scheme {scheme!r} in {uri!r}")
+        raise ImageError("unsupported_scheme", f"unsupported URI scheme {scheme!r} in {redact(uri)!r}")
+    if image_root is None:
+        if scheme in REMOTE_SCHEMES:
+            return uri
+        path = uri.split("://", 1)[1] if scheme else uri
+        return os.path.abspath(path)
+    root_scheme = scheme_of(image_root)
+    root_remote = root_scheme in REMOTE_SCHEMES
+    absolute = bool(scheme) or uri.startswith("/")
+    if absolute and allow_outside_root:
+        return uri if scheme in REMOTE_SCHEMES else os.path.abspath(uri.split("://", 1)[1] if scheme else uri)
     if scheme in REMOTE_SCHEMES:
+        if not root_remote or scheme != root_scheme or not _under(_key(uri), _key(image_root)):
+            raise ImageError("escapes_root", f"{redact(uri)!r} lies outside the image root")
         return uri
     path = uri.split("://", 1)[1] if scheme else uri
-    if image_root is None:
-        return os.path.abspath(path) if not scheme_of(uri) else path
-    root_scheme = scheme_of(image_root)
-    root_path = image_root.split("://", 1)[1] if root_scheme else image_root
-    join = posixpath if root_scheme in REMOTE_SCHEMES else os.path
-    root_norm = join.normpath(root_path if root_scheme in REMOTE_SCHEMES else os.path.abspath(root_path))
-    full = join.normpath(join.join(root_norm, path))
-    if full != root_norm and not full.startswith(root_norm.rstrip("/") + "/"):
-        raise ImageError("escapes_root", f"{uri!r} resolves outside the image root")
-    return f"{root_scheme}://{full}" if root_scheme in REMOTE_SCHEMES else full
+    if root_remote:
+        if absolute:
+            raise ImageError("escapes_root", f"{redact(uri)!r} lies outside the image root")
+        full = posixpath.normpath(posixpath.join(_key(image_root), path))
+        if not _under(full, _key(image_root)):
+            raise ImageError("escapes_root", f"{redact(uri)!r} resolves outside the image root")
+        return f"{root_scheme}://{full}"
+    root_path = os.path.realpath(image_root.split("://", 1)[1] if root_scheme else image_root)
+    full = os.path.realpath(os.path.join(root_path, path))  # symlinks followed
+    if not _under(full, root_path):
+        raise ImageError("escapes_root", f"{redact(uri)!r} resolves outside the image root")
+    return full
+
+
+def _key(uri: str) -> str:
+    """bucket/key of a remote URI, with any '..' collapsed."""
+    return posixpath.normpath(uri.split("://", 1)[1])
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+_QUERY = re.compile(r"(\w+://[^\s?#'\"]*)[?#][^\s'\"]*")
+
+
+def redact_text(text: str) -> str:
+    """Every URL inside a message without its query string (a store's error may quote the URL it was given)."""
+    return _QUERY.sub(r"\1", text)
+
+
+DEFAULT_MAX_BYTES = 64 << 20  # an object larger than this is refused before it is read
 
 
 class Fetcher:
-    """Reads whole objects, one filesystem instance per scheme+bucket (fsspec caches them too)."""
+    """Reads whole objects, one filesystem instance per scheme (fsspec caches them too). An object over
+    ``max_bytes`` is refused from its size, before a byte of it is read."""
 
-    def __init__(self):
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.max_bytes = max_bytes
         self._fs: dict[str, fsspec.AbstractFileSystem] = {}
 
     def _filesystem(self, uri: str):
@@ -73,16 +127,27 @@ class Fetcher:
 
     def fetch(self, uri: str) -> bytes:
         fs = self._filesystem(uri)
+        shown = redact(uri)
         try:
-            return fs.cat_file(uri)
+            size = fs.size(uri)
+            if size is not None and size > self.max_bytes:
+                raise ImageError("too_large", f"{shown} is {size} bytes, over the limit of {self.max_bytes} (--max-bytes)")
+            with fs.open(uri, "rb") as f:
+                data = f.read(self.max_bytes + 1)
+            if len(data) > self.max_bytes:  # a store that did not know the size in advance
+                raise ImageError("too_large", f"{shown} is over the limit of {self.max_bytes} bytes (--max-bytes)")
+            return data
+        except ImageError:
+            raise
         except FileNotFoundError:
-            raise ImageError("missing", f"no such object: {uri}") from None
+            raise ImageError("missing", f"no such object: {shown}") from None
         except IsADirectoryError:
-            raise ImageError("missing", f"is a directory: {uri}") from None
+            raise ImageError("missing", f"is a directory: {shown}") from None
         except PermissionError as e:
-            raise ImageError("fetch", f"permission denied: {uri} ({type(e).__name__})") from None
+            raise ImageError("fetch", f"permission denied: {shown} ({type(e).__name__})") from None
         except Exception as e:  # noqa: BLE001 - network and store errors of every library
-            raise ImageError("fetch", f"{type(e).__name__} reading {uri}: {str(e)[:200]}") from None
+            kind = "timeout" if "timeout" in type(e).__name__.lower() or "timed out" in str(e).lower() else "fetch"
+            raise ImageError(kind, f"{type(e).__name__} reading {shown}: {redact_text(str(e))[:200]}") from None
 
 
 # -- manifests ------------------------------------------------------------------------------------------------
@@ -122,21 +187,103 @@ def expand_manifest(uri: str) -> tuple[list[str], str]:
     return full, formats.pop()
 
 
-def read_manifest_schema(file_uri: str, fmt: str) -> pa.Schema:
-    """The columns of one manifest file, read cheaply (Parquet footer, or the first rows)."""
+ID_COLUMNS = ("id", "uri")  # always read as the text the manifest holds, never inferred as numbers
+
+
+def read_manifest_file(file_uri: str, fmt: str) -> pa.Table:
+    """One manifest file as a table whose ``id`` and ``uri`` columns are strings read as written (``001``
+    stays ``001``, ``1e3`` stays ``1e3``). A file that cannot be parsed raises ManifestError naming the file
+    and, for CSV and JSONL, the line."""
+    try:
+        with fsspec.open(file_uri, "rb") as f:
+            data = f.read()
+    except Exception as e:  # noqa: BLE001
+        raise ManifestError(f"cannot read manifest file {redact(file_uri)}: {type(e).__name__}: {str(e)[:300]}") from None
+    if fmt == "parquet":
+        try:
+            table = pq.read_table(pa.py_buffer(data))
+        except Exception as e:  # noqa: BLE001
+            raise ManifestError(f"cannot read manifest file {redact(file_uri)}: {type(e).__name__}: {str(e)[:300]}") from None
+        for name in ID_COLUMNS:
+            if name in table.column_names and not pa.types.is_string(table.schema.field(name).type):
+                table = table.set_column(table.column_names.index(name), name, table[name].cast(pa.string()))
+        return table
+    if fmt == "csv":
+        return _read_csv(data, file_uri)
+    return _read_jsonl(data, file_uri)
+
+
+def _read_csv(data: bytes, file_uri: str) -> pa.Table:
     import pyarrow.csv as pacsv
+
+    header = data[: data.find(b"\n")] if b"\n" in data else data
+    import csv
+
+    names = next(csv.reader([header.decode("utf-8", "replace").strip()]), [])
+    types = {c: pa.string() for c in ID_COLUMNS if c in names}
+    try:
+        return pacsv.read_csv(pa.py_buffer(data), convert_options=pacsv.ConvertOptions(column_types=types))
+    except Exception as e:  # noqa: BLE001 - pyarrow does not say which line: find it with the csv module
+        raise ManifestError(f"manifest file {redact(file_uri)}: {_csv_bad_line(data) or str(e)[:300]}") from None
+
+
+def _csv_bad_line(data: bytes) -> str | None:
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(data.decode("utf-8", "replace"), newline=""))
+    try:
+        width = len(next(reader))
+        for fields in reader:
+            if fields and len(fields) != width:
+                return f"line {reader.line_num}: expected {width} fields, got {len(fields)}"
+    except csv.Error as e:
+        return f"line {reader.line_num}: {e}"
+    return None
+
+
+def _read_jsonl(data: bytes, file_uri: str) -> pa.Table:
+    """JSON Lines through pyarrow's fast reader; ids that are JSON numbers, or a file pyarrow rejects, go
+    through the json module, which keeps each number's text and names the line of a malformed object."""
     import pyarrow.json as pajson
 
     try:
-        with fsspec.open(file_uri, "rb") as f:
-            if fmt == "parquet":
-                return pq.read_schema(f)
-            head = f.read(1 << 20)
-        if fmt == "csv":
-            return pacsv.read_csv(pa.py_buffer(head[: head.rfind(b"\n") + 1] or head)).schema
-        return pajson.read_json(pa.py_buffer(head[: head.rfind(b"\n") + 1] or head)).schema
-    except Exception as e:  # noqa: BLE001
-        raise ManifestError(f"cannot read manifest file {file_uri}: {type(e).__name__}: {str(e)[:300]}") from None
+        table = pajson.read_json(pa.py_buffer(data))
+        if all(c not in table.column_names or pa.types.is_string(table.schema.field(c).type)
+               or pa.types.is_null(table.schema.field(c).type) for c in ID_COLUMNS):
+            for c in ID_COLUMNS:
+                if c in table.column_names and pa.types.is_null(table.schema.field(c).type):
+                    table = table.set_column(table.column_names.index(c), c, table[c].cast(pa.string()))
+            return table
+    except Exception:  # noqa: BLE001 - mixed id types or a malformed line: the slow path says which
+        pass
+    import json
+
+    rows = []
+    for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"manifest file {redact(file_uri)}: line {number}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ManifestError(f"manifest file {redact(file_uri)}: line {number}: not a JSON object")
+        for c in ID_COLUMNS:
+            value = row.get(c)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[c] = json.loads(line, parse_int=str, parse_float=str)[c]  # the number as written
+            elif value is not None and not isinstance(value, str):
+                row[c] = json.dumps(value)
+        rows.append(row)
+    try:
+        table = pa.Table.from_pylist(rows)
+    except Exception as e:  # noqa: BLE001 - a column whose values mix types pyarrow cannot unify
+        raise ManifestError(f"manifest file {redact(file_uri)}: {type(e).__name__}: {str(e)[:300]}") from None
+    for c in ID_COLUMNS:
+        if c in table.column_names:
+            table = table.set_column(table.column_names.index(c), c, table[c].cast(pa.string()))
+    return table
 
 
 def total_bytes(files: list[str]) -> int:
@@ -146,33 +293,34 @@ def total_bytes(files: list[str]) -> int:
 
 def read_manifest_table(files: list[str], fmt: str) -> pa.Table:
     """Every manifest file read into one table (columns missing from a file are null there)."""
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-
-    tables = []
-    for uri in files:
-        try:
-            with fsspec.open(uri, "rb") as f:
-                if fmt == "parquet":
-                    tables.append(pq.read_table(f))
-                elif fmt == "csv":
-                    tables.append(pacsv.read_csv(f))
-                else:
-                    tables.append(pajson.read_json(f))
-        except Exception as e:  # noqa: BLE001
-            raise ManifestError(f"cannot read manifest file {uri}: {type(e).__name__}: {str(e)[:300]}") from None
-    return pa.concat_tables(tables, promote_options="permissive")
+    tables = [read_manifest_file(uri, fmt) for uri in files]
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except Exception as e:  # noqa: BLE001
+        raise ManifestError(f"manifest files disagree on their columns' types: {str(e)[:300]}") from None
 
 
 # -- output --------------------------------------------------------------------------------------------------
 def list_parts(output_uri: str) -> list[str]:
+    """The finished part files of a table, listed afresh (an object store's listing cached by fsspec at the
+    start of a run would miss what the run wrote)."""
     fs, path = fsspec.core.url_to_fs(output_uri)
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
     return sorted(
-        p for p in fs.ls(path, detail=False)
-        if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_"))
-    )
+        p for p in fs.ls(path, detail=False, refresh=True) if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_"))
+    ) if fs.isdir(path) else []
+
+
+def count_rows(output_uri: str) -> int:
+    """Rows in every finished part, from the Parquet footers alone."""
+    fs, _ = fsspec.core.url_to_fs(output_uri)
+    total = 0
+    for part in list_parts(output_uri):
+        with fs.open(part, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
 
 
 def read_column(output_uri: str, column: str) -> pa.ChunkedArray:
@@ -180,27 +328,31 @@ def read_column(output_uri: str, column: str) -> pa.ChunkedArray:
     return read_columns(output_uri, [column])[column]
 
 
-def read_columns(output_uri: str, columns: list[str]) -> pa.Table:
+def read_columns(output_uri: str, columns: list[str], filters=None) -> pa.Table:
     """Some columns of every finished part file; an empty string table where there are none yet."""
     fs, _ = fsspec.core.url_to_fs(output_uri)
     parts = list_parts(output_uri)
     if not parts:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
-    return pq.ParquetDataset(parts, filesystem=fs).read(columns=columns)
+    return pq.ParquetDataset(parts, filesystem=fs, filters=filters).read(columns=columns)
 
 
 def write_part_atomically(table: pa.Table, output_uri: str, name: str) -> str:
-    """Write one Parquet part so that it is never visible half-written: a hidden temporary file renamed
-    into place on local disks; an object store publishes an object only when its upload completes."""
+    """Write one Parquet part so that it is never visible half-written. The file is serialised in memory
+    first, so a failure while writing it reaches no store; then a hidden temporary file is renamed into place
+    on local disks, and an object store gets one upload, which it publishes only when it completes."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue().to_pybytes()
     fs, path = fsspec.core.url_to_fs(output_uri)
-    fs.makedirs(path, exist_ok=True)
     final = posixpath.join(path, name)
     if scheme_of(output_uri) in REMOTE_SCHEMES:
-        with fs.open(final, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+        fs.pipe_file(final, data)
     else:
+        fs.makedirs(path, exist_ok=True)
         tmp = posixpath.join(path, f".tmp-{uuid.uuid4().hex}-{name}")
-        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, final)
     return final
 

@@ -107,7 +107,7 @@ def test_the_driver_plans_a_job_without_torch(tmp_path):
         "from jobs import score\n"
         "from ma_agiqa.checkpoint import model_id\n"
         f"args = score.parse_args(['--manifest', {str(SAMPLE / 'manifest.jsonl')!r}, '--output', 'unused', '--model', {str(tmp_path / 'ckpt')!r}])\n"
-        "spec, files, fmt = score.plan(args)\n"
+        "spec, manifest = score.plan(args)\n"
         "print(json.dumps({'experts': spec.experts, 'id': model_id(args.model),\n"
         "                  'heavy': [m for m in ('torch', 'timm', 'transformers') if m in sys.modules]}))\n"
     )
@@ -137,7 +137,7 @@ def test_a_bad_manifest_fails_before_any_model_work(tmp_path, capsys):
     assert score.main(["--manifest", str(tmp_path / "nope.csv"), "--output", str(tmp_path / "o")]) == 2
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     assert score.main(["--manifest", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o")]) == 2
-    assert "cannot read manifest" in capsys.readouterr().err
+    assert "line 1: malformed JSON" in capsys.readouterr().err
     args = ["--manifest", str(SAMPLE / "manifest.jsonl"), "--output", str(tmp_path / "o"), "--keep-columns", "seed"]
     assert score.main(args) == 2
     assert "lacks" in capsys.readouterr().err
@@ -162,8 +162,14 @@ def test_s3_manifest_and_images(local_ray, s3_server, tmp_path):
     )
     with fs.open("corpus/manifests/part-0.parquet", "wb") as f:
         pq.write_table(manifest, f)
-    summary = run_job("--manifest", "s3://corpus/manifests/", "--output", "s3://corpus/scores", "--keep-columns", "prompt")
-    assert summary["rows"] == 11 and summary["ok"] == 10 and summary["errors_by_kind"] == {"missing": 1}
+    first = run_job("--manifest", "s3://corpus/manifests/", "--output", "s3://corpus/scores", "--keep-columns", "prompt",
+                    "--limit", "4", "--rows-per-file", "2")
+    assert first["table_rows"] == 4
+    # the resumed run lists the table at its start; its count comes from what is there at its end
+    summary = run_job("--manifest", "s3://corpus/manifests/", "--output", "s3://corpus/scores", "--keep-columns", "prompt",
+                      "--rows-per-file", "2")
+    assert summary["rows"] == 7 and summary["ok"] == 6 and summary["errors_by_kind"] == {"missing": 1}
+    assert summary["table_rows"] == 11
     table = read_table("corpus/scores", filesystem=fs)
     validate_score_table(table, EXPERTS)
     assert table.num_rows == 11
