@@ -54,9 +54,22 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    return run_and_report(parse_args(argv), run, lambda summary, args: (
+    args = parse_args(argv)
+    summaries = []
+
+    def run_and_keep(a):
+        summaries.append(run(a))
+        return summaries[-1]
+
+    code = run_and_report(args, run_and_keep, lambda summary, args: (
         f"scored {summary['scoring']['to_score']} new images; kept {summary['kept']} of {summary['rows']}: "
         f"{args.output.rstrip('/')}/kept/"), errors=(*USER_ERRORS, score.JobConfigError))
+    if code == 0 and summaries and summaries[-1]["scoring"].get("failed"):
+        scoring = summaries[-1]["scoring"]
+        print(f"error: the scoring run failed {scoring['errors']} of {scoring['rows']} rows, over --max-error-fraction "
+              f"{args.max_error_fraction:g}; errors by kind: {scoring['errors_by_kind']}", file=sys.stderr)
+        return 3
+    return code
 
 
 if __name__ == "__main__":

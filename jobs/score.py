@@ -157,7 +157,7 @@ def read_manifest(args, spec_for_ids) -> Manifest:
         total += len(table)
         schema = table.schema if schema is None else pa.unify_schemas([schema, table.schema], promote_options="permissive")
         ids.append(AssignIds(spec_for_ids)(table)["image_id"])
-        tables.append(table if sum(map(len, tables)) + len(table) <= DRIVER_ROWS else None)
+        tables.append(table if total <= DRIVER_ROWS else None)  # past it, only the ids stay in the driver
     if total == 0:
         raise ManifestError(f"manifest {redact(args.manifest)} is empty: no rows" + (" within --limit" if args.limit == 0 else ""))
     all_ids = pa.chunked_array([i.combine_chunks() if isinstance(i, pa.ChunkedArray) else i for i in ids], pa.string())

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import fsspec
 import pyarrow as pa
 
-from .schema import STATUS_OK, gate_column
+from .schema import CURRENT_ROW_ORDER, STATUS_OK, gate_column
 from .storage import expand_manifest, join_uri, remove_tree, scheme_of, write_json, write_part_atomically
 
 KEPT_DIR, REJECTED_DIR, GROUPS_FILE, SUMMARY_FILE = "kept", "rejected", "groups.parquet", "_summary.json"
@@ -193,8 +193,9 @@ def _register_filesystems(con, uris: list[str]) -> None:
             registered.add(name)
 
 
-def scan(files: list[str], fmt: str, row_order: bool = False) -> str:
-    """SQL that reads a list of Parquet/CSV/JSONL files (``row_order`` adds _file, _row: file order)."""
+def scan(files: list[str], fmt: str, row_order: bool = False, strings: tuple[str, ...] = ()) -> str:
+    """SQL that reads a list of Parquet/CSV/JSONL files (``row_order`` adds _file, _row: file order);
+    ``strings``: CSV columns read as text, as written (ids: ``001`` stays ``001``)."""
     listed = "[" + ", ".join(literal(f) for f in files) + "]"
     if fmt == "parquet":
         extra = ", filename = '_file', file_row_number = true" if row_order else ""
@@ -202,6 +203,8 @@ def scan(files: list[str], fmt: str, row_order: bool = False) -> str:
         return f"(SELECT * RENAME (file_row_number AS _row) FROM {sql})" if row_order else sql
     reader = "read_csv" if fmt == "csv" else "read_json"
     opts = "union_by_name = true" + (", format = 'newline_delimited'" if fmt == "json" else "")
+    if fmt == "csv" and strings:
+        opts += ", types = {" + ", ".join(f"{literal(c)}: 'VARCHAR'" for c in strings) + "}"
     sql = f"{reader}({listed}, {opts}{', filename = ' + literal('_file') if row_order else ''})"
     # DuckDB keeps insertion order, so a row number over a scan is the file order.
     return f"(SELECT *, row_number() OVER () AS _row FROM {sql})" if row_order else sql
@@ -219,6 +222,7 @@ class Plan:
     unmatched_scores: str = "reject"  # "reject" | "ignore"
     score_columns: list[str] = field(default_factory=list)
     metadata_columns: list[str] = field(default_factory=list)  # as read
+    metadata_strings: tuple[str, ...] = ()  # key columns read as text
     renamed: dict[str, str] = field(default_factory=dict)  # metadata column -> its name in the output
     derive_key: bool = False  # the metadata is a manifest: derive image_id from id / uri as the scoring job does
     score_files: list[str] = field(default_factory=list)
@@ -259,6 +263,7 @@ def plan(con, scores: str, rules: list, model: str | None = None, metadata: str 
             else:
                 raise CurationError(
                     f"the metadata has no column {p.on[1]!r} to join on (columns: {', '.join(p.metadata_columns)})")
+        p.metadata_strings = tuple(c for c in dict.fromkeys(("id", "uri", p.on[1])) if c in p.metadata_columns)
         for c in p.metadata_columns:
             if c == p.on[1] and not p.derive_key:
                 continue
@@ -294,8 +299,8 @@ def curated_sql(p: Plan, model: str | None) -> str:
     """The whole pipeline as one query: every input row once, with _rejected_by/_reason (NULL when kept)."""
     key, meta_key = p.on
     scores = (
-        f"SELECT *, row_number() OVER (PARTITION BY {quote(key)} ORDER BY (status = {literal(STATUS_OK)}) DESC, "
-        f"scored_at DESC, uri) AS _dup FROM {scan(p.score_files, 'parquet')}"
+        f"SELECT *, row_number() OVER (PARTITION BY {quote(key)} ORDER BY {CURRENT_ROW_ORDER}) AS _dup "
+        f"FROM {scan(p.score_files, 'parquet')}"
         + (f" WHERE model = {literal(model)}" if model is not None else "")
     )
     ctes = [f"scores AS ({scores})"]
@@ -309,7 +314,7 @@ def curated_sql(p: Plan, model: str | None) -> str:
         ctes.append(
             f"meta AS (SELECT {key_expr} AS _key, {cols + ', ' if cols else ''}"
             f"row_number() OVER (PARTITION BY {key_expr} ORDER BY _file, _row) AS _mdup "
-            f"FROM {scan(p.metadata_files, p.metadata_format, row_order=True)})"
+            f"FROM {scan(p.metadata_files, p.metadata_format, row_order=True, strings=p.metadata_strings)})"
         )
         meta_cols = ", ".join(f"m.{quote(new)}" for new in p.renamed.values())
         meta_cols = ", " + meta_cols if meta_cols else ""

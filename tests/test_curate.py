@@ -59,9 +59,15 @@ def test_curate_twice_scores_nothing_then_only_new_rows(local_ray, tmp_path):
 
 def test_resume_counts_only_the_same_models_rows(tmp_path):
     """Rows another model scored do not count as done: the table collects both models' scores."""
+    from datetime import datetime, timezone
+
+    from ma_agiqa.score_table import resume_state
+
     out = tmp_path / "scores"
     out.mkdir()
-    pq.write_table(pa.table({"image_id": ["a", "b", "a"], "model": ["m@1", "m@1", "n@2"]}), out / "part-x.parquet")
-    assert sorted(score.scored_ids(str(out), "m@1").to_pylist()) == ["a", "b"]
-    assert score.scored_ids(str(out), "n@2").to_pylist() == ["a"]
-    assert len(score.scored_ids(str(tmp_path / "none"), "m@1")) == 0
+    t = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    pq.write_table(pa.table({"image_id": ["a", "b", "a"], "model": ["m@1", "m@1", "n@2"], "status": ["ok", "ok", "ok"],
+                             "error": pa.array([None] * 3, pa.string()), "scored_at": [t] * 3}), out / "part-x.parquet")
+    assert sorted(resume_state(str(out), "m@1")[0].to_pylist()) == ["a", "b"]
+    assert resume_state(str(out), "n@2")[0].to_pylist() == ["a"]
+    assert len(resume_state(str(tmp_path / "none"), "m@1")[0]) == 0

@@ -196,3 +196,11 @@ def test_scores_and_metadata_on_s3(tmp_path, s3_server):
     assert summary["rejected_by"] == {"no_metadata": 5, "top_k": 1}
     assert json.loads(fs.cat("curation/out/_summary.json"))["kept"] == 2
     assert not [p for p in fs.find("curation/out") if "/." in p]  # no temporary object left behind
+
+
+def test_csv_metadata_ids_join_as_written(tmp_path):
+    """A CSV manifest's ids 001, 1 and 01 stay three ids, each joined with its own score."""
+    scores = write_scores(tmp_path / "s", [("001", 3.0, None), ("1", 2.0, None), ("01", 1.0, None)])
+    (tmp_path / "m.csv").write_text("id,uri,tag\n001,a.jpg,x\n1,b.jpg,y\n01,c.jpg,z\n")
+    kept, rejected, summary = run(tmp_path, scores, "--metadata", str(tmp_path / "m.csv"))
+    assert {r["image_id"]: r["tag"] for r in kept} == {"001": "x", "1": "y", "01": "z"} and not rejected

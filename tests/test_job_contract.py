@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv  # noqa: F401 - pa.csv
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -70,6 +71,25 @@ def test_a_repeated_id_is_scored_once_and_the_summary_counts_the_table(local_ray
     assert summary["manifest_rows"] == 80 and summary["repeated_ids"] == 40
     assert summary["rows"] == summary["table_rows"] == table.num_rows == 40
     assert sorted(table["image_id"].to_pylist()) == sorted(r["id"] for r in rows)
+
+
+def test_a_manifest_too_large_for_the_driver_is_read_by_ray_tasks_with_the_same_rules(local_ray, tmp_path, monkeypatch):
+    """Past DRIVER_ROWS the driver keeps only ids and Ray tasks read the files again: repeats across files
+    and --limit apply exactly as in the driver."""
+    monkeypatch.setattr(score, "DRIVER_ROWS", 5)
+    rows = [{"id": r["id"], "uri": r["uri"], "prompt": r["prompt"]} for r in sample_rows()[:12]]
+    d = tmp_path / "manifest"
+    d.mkdir()
+    for i in range(3):  # 3 files of 5 rows: the last repeats two ids of the first file
+        chunk = rows[i * 4:(i + 1) * 4] + [rows[i]]
+        pa.csv.write_csv(pa.Table.from_pylist(chunk), str(d / f"part-{i}.csv"))
+    out = tmp_path / "scores"
+    summary = run_job("--manifest", str(d), "--image-root", str(SAMPLE), "--output", str(out), "--limit", "14",
+                      "--keep-columns", "prompt")
+    assert summary["manifest_rows"] == 14 and summary["repeated_ids"] == 2
+    table = read_table(str(out))
+    assert sorted(table["image_id"].to_pylist()) == sorted(r["id"] for r in rows) and summary["table_rows"] == 12
+    assert {r["image_id"]: r["prompt"] for r in table.to_pylist()} == {r["id"]: r["prompt"] for r in rows}
 
 
 # -- failures that heal ----------------------------------------------------------------------------------
