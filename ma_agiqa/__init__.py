@@ -18,6 +18,7 @@ _EXPORTS = {
     "get_config": "registry",
     "list_models": "registry",
     "register_model": "registry",
+    "read_scores": "score_table",
 }
 
 __all__ = sorted(_EXPORTS)

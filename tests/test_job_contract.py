@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from helpers import REPO, SAMPLE, read_table, sample_rows
+import ma_agiqa
 from jobs import score
 from ma_agiqa.errors import ImageError
 from ma_agiqa.pipeline import FetchDecode, JobSpec, ScoreRows, WriteParts, summarise
@@ -112,7 +113,7 @@ def test_transient_errors_heal_on_the_next_run_and_permanent_ones_on_request(loc
     assert resume_state(str(out), tiny_model.model_id)[1] == 2
     second = run_job(*sample_args(out, "--batch-size", "8"))
     assert second["retried"] == 2 and second["to_score"] == 40 - 8 - 1
-    current = read_scores(str(out)).to_pylist()
+    current = ma_agiqa.read_scores(str(out)).to_pylist()
     by_id = {r["image_id"]: r for r in current}
     assert len(current) == len(by_id) == 40  # one current row per (image_id, model)
     assert by_id[ids[8]]["status"] == by_id[ids[9]]["status"] == "ok"
