@@ -1,7 +1,6 @@
 """What the scoring job promises a user and an adversary: nothing lost, nothing wrong, failures that heal,
 boundaries kept, clear errors before any work. Steps run in process where the point is one row; the job
 runs on a real local Ray where the point is the table."""
-import io
 import json
 import os
 import signal
