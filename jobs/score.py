@@ -25,7 +25,6 @@ from ma_agiqa.checkpoint import load_config, model_id
 from ma_agiqa.errors import DEFAULT_MAX_PIXELS
 from ma_agiqa.pipeline import (
     AssignIds,
-    DropDone,
     FetchDecode,
     JobSpec,
     ScoreImages,
@@ -34,7 +33,7 @@ from ma_agiqa.pipeline import (
     WriteParts,
     summarise,
 )
-from ma_agiqa.score_table import resume_state
+from ma_agiqa.score_table import resume_plan
 from ma_agiqa.storage import (
     DEFAULT_MAX_BYTES,
     ManifestError,
@@ -125,26 +124,44 @@ def check_output(output: str, manifest_files: list[str], manifest_uri: str) -> N
 
 @dataclass
 class Manifest:
-    """The manifest as the driver planned it: its rows (small manifests), or per file which rows to skip
-    (large ones, read again by Ray tasks), and the counts the summary reports."""
+    """The manifest as the driver planned it: every row's image_id and whether this run scores it, and the
+    rows themselves when the driver holds them (else Ray tasks read the files again, a file each)."""
 
     files: list[str]
     fmt: str
     schema: pa.Schema
-    rows: int  # manifest rows, within --limit
+    ids: pa.ChunkedArray  # image_id of every row within --limit, one chunk per file
+    score: np.ndarray  # bool per row: scored by this run (the first row of each id, not already in the table)
     repeated: int  # rows whose image_id an earlier row already has: scored once, at the first
-    table: pa.Table | None = None  # the rows to score, when held in the driver
-    file_rows: list[int] | None = None  # else: rows of each file within --limit,
-    drop: dict[int, list[int]] | None = None  # and per file index the positions of repeated ids
+    tables: list[pa.Table] | None = None  # the rows of each file, when the driver holds them
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids)
+
+    def file_rows(self) -> list[int]:
+        return [len(c) for c in self.ids.chunks]
+
+    def skipped_by_file(self) -> dict[int, np.ndarray]:
+        """Per file index, the positions of its rows that this run does not score."""
+        out, offset = {}, 0
+        for i, n in enumerate(self.file_rows()):
+            skip = np.flatnonzero(~self.score[offset:offset + n])
+            if len(skip):
+                out[i] = skip
+            offset += n
+        return out
 
 
 DRIVER_ROWS = 1_000_000  # manifests up to this many rows are handed to Ray from the driver
+ROWS_PER_BLOCK = 4096  # at most, per Ray block: per-block costs stay small next to the rows' own work
 
 
 def read_manifest(args, spec_for_ids) -> Manifest:
     """Reads and checks every manifest file in the driver, before Ray starts: a file that cannot be parsed,
     lacks ``uri`` or holds no row stops the job here, with the file and line. Rows that repeat an earlier
-    row's image_id are scored once (the first); the summary counts them."""
+    row's image_id are scored once (the first); the summary counts them. Past DRIVER_ROWS only the ids stay
+    in the driver."""
     files, fmt = expand_manifest(args.manifest)
     check_output(args.output, files, args.manifest)
     tables, ids, schema, total = [], [], None, 0
@@ -156,26 +173,19 @@ def read_manifest(args, spec_for_ids) -> Manifest:
             table = table.slice(0, max(0, args.limit - total))
         total += len(table)
         schema = table.schema if schema is None else pa.unify_schemas([schema, table.schema], promote_options="permissive")
-        ids.append(AssignIds(spec_for_ids)(table)["image_id"])
-        tables.append(table if total <= DRIVER_ROWS else None)  # past it, only the ids stay in the driver
+        ids.append(AssignIds(spec_for_ids)(table)["image_id"].combine_chunks())
+        if tables is not None:
+            tables.append(table)
+            if total > DRIVER_ROWS:
+                tables = None
     if total == 0:
         raise ManifestError(f"manifest {redact(args.manifest)} is empty: no rows" + (" within --limit" if args.limit == 0 else ""))
-    all_ids = pa.chunked_array([i.combine_chunks() if isinstance(i, pa.ChunkedArray) else i for i in ids], pa.string())
+    all_ids = pa.chunked_array(ids, pa.string())
     positions = pa.table({"image_id": all_ids, "pos": pa.array(np.arange(total, dtype=np.int64))})
     first = positions.group_by("image_id").aggregate([("pos", "min")])["pos_min"].to_numpy()
-    keep = np.zeros(total, bool)
-    keep[first] = True
-    repeated = int(total - len(first))
-    if all(t is not None for t in tables):
-        table = pa.concat_tables(tables, promote_options="permissive")
-        return Manifest(files, fmt, schema, total, repeated, table=table.filter(pa.array(keep)))
-    drop, offset = {}, 0
-    for i, chunk in enumerate(ids):
-        repeats = np.flatnonzero(~keep[offset:offset + len(chunk)])
-        if len(repeats):
-            drop[i] = repeats.tolist()
-        offset += len(chunk)
-    return Manifest(files, fmt, schema, total, repeated, file_rows=[len(c) for c in ids], drop=drop)
+    score = np.zeros(total, bool)
+    score[first] = True
+    return Manifest(files, fmt, schema, all_ids, score, int(total - len(first)), tables)
 
 
 def job_spec(args, schema: pa.Schema) -> JobSpec:
@@ -253,43 +263,51 @@ def actor_cpus(args, gpus: float, spec: JobSpec, cluster_cpus: float, fused: boo
 
 class ReadManifestFiles:
     """A Ray task's share of a large manifest: its files read with the driver's reader, cut at --limit, ids
-    assigned, and the repeated ids and those already scored dropped."""
+    assigned, and the rows the driver decided not to score (repeats, already in the table) dropped."""
 
-    def __init__(self, manifest: Manifest, spec: JobSpec, done):
-        self.fmt, self.file_rows, self.drop = manifest.fmt, manifest.file_rows, manifest.drop
-        self.spec, self.done = spec, done
+    def __init__(self, manifest: Manifest, spec: JobSpec):
+        self.fmt, self.file_rows, self.skip = manifest.fmt, manifest.file_rows(), manifest.skipped_by_file()
+        self.spec = spec
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
         for index, uri in zip(batch["index"].to_pylist(), batch["file"].to_pylist()):
             table = read_manifest_file(uri, self.fmt).slice(0, self.file_rows[index])
             keep = np.ones(len(table), bool)
-            keep[self.drop.get(index, [])] = False
-            out.append(DropDone(self.done)(AssignIds(self.spec)(table.filter(pa.array(keep)))))
+            keep[self.skip.get(index, [])] = False
+            out.append(AssignIds(self.spec)(table.filter(pa.array(keep))))
         return pa.concat_tables(out, promote_options="permissive")
 
 
-def rows_to_score(manifest: Manifest, spec: JobSpec, done, batch_size: int):
-    """(Ray Dataset of the manifest rows still to score, in blocks of about ``batch_size`` rows, their count).
+def rows_per_block(n_rows: int, batch_size: int, n_actors: int) -> int:
+    """Blocks of thousands of rows (a task each, at every stage), but at least four per model actor on a
+    small manifest, so that every actor gets work."""
+    return int(min(ROWS_PER_BLOCK, max(batch_size, -(-n_rows // (4 * max(1, n_actors))))))
 
-    A manifest the driver holds goes to Ray as one block per batch: Ray Data's read and repartition tasks
-    would cost seconds of worker start-up. A larger one is read again by Ray tasks, a file each, with the
-    same reader, and materialised: the count decides whether any model needs to load."""
+
+def rows_to_score(manifest: Manifest, spec: JobSpec, batch_size: int, n_actors: int):
+    """(Ray Dataset of the manifest rows this run scores, in blocks of ``rows_per_block`` rows, their count).
+
+    A manifest the driver holds goes to Ray as its blocks (from_blocks: no read or repartition task). A larger
+    one is read again by Ray tasks, a file each, with the same reader."""
     import ray.data
 
-    if manifest.table is not None:
-        table = DropDone(done)(AssignIds(spec)(manifest.table))
-        blocks = [table.slice(i, batch_size) for i in range(0, len(table), batch_size)] or [table]
+    n = int(manifest.score.sum())
+    block = rows_per_block(n, batch_size, n_actors)
+    if manifest.tables is not None:
+        table = AssignIds(spec)(pa.concat_tables(manifest.tables, promote_options="permissive").filter(pa.array(manifest.score)))
+        blocks = [table.slice(i, block) for i in range(0, len(table), block)] or [table]
         # from_blocks, unlike from_arrow, keeps the blocks as they are and reads their metadata here rather
         # than in a remote task per block.
-        return ray.data.from_blocks(blocks), len(table)
-    files = [{"index": i, "file": f} for i, f in enumerate(manifest.files) if manifest.file_rows[i]]
+        return ray.data.from_blocks(blocks), n
+    skip = manifest.skipped_by_file()
+    files = [{"index": i, "file": f} for i, (f, rows) in enumerate(zip(manifest.files, manifest.file_rows()))
+             if rows and len(skip.get(i, [])) < rows]
     todo = (
         ray.data.from_items(files, override_num_blocks=len(files))
-        .map_batches(ReadManifestFiles(manifest, spec, done), batch_size=1, batch_format="pyarrow")
-        .materialize()
+        .map_batches(ReadManifestFiles(manifest, spec), batch_size=1, batch_format="pyarrow")
     )
-    return todo.repartition(target_num_rows_per_block=batch_size), todo.count()
+    return todo.repartition(target_num_rows_per_block=block), n
 
 
 def init_ray(address: str | None, s3_endpoint: str | None = None):
@@ -340,15 +358,19 @@ def run(args) -> dict:
     # What this run's rows will say in their model column, needed only to resume: working it out can mean
     # building the model, which a first run leaves to the actors.
     scorer = model_id(args.model) if list_parts(args.output) else None
-    done, retried = resume_state(args.output, scorer, args.retry_errors) if scorer else (pa.array([], pa.string()), 0)
-    todo, n_todo = rows_to_score(manifest, spec, done, args.batch_size)
+    retried = 0
+    if scorer:
+        done, retried = resume_plan(args.output, scorer, manifest.ids, manifest.score, args.retry_errors)
+        manifest.score &= ~done
+    n_actors = args.quality_actors + (args.semantic_actors if spec.semantic_prompts and not fused else 0)
+    todo, n_todo = rows_to_score(manifest, spec, args.batch_size, n_actors)
     summary = {
         "model_stages": "fused" if fused else "separate", "decode": "in the model actors" if decode_in_actors else "tasks",
         "quality_actors": args.quality_actors,
         "threads_per_actor": threads, "cpus_per_actor": cpus,
         "manifest": redact(args.manifest), "output": redact(args.output), "model": args.model, "model_id": scorer,
         "manifest_rows": manifest.rows, "repeated_ids": manifest.repeated,
-        "already_scored": manifest.rows - manifest.repeated - n_todo, "retried": min(retried, n_todo), "to_score": n_todo,
+        "already_scored": manifest.rows - manifest.repeated - n_todo, "retried": retried, "to_score": n_todo,
     }
     if n_todo:
         # Decoding holds at most JobSpec.decode_memory() bytes per process; Ray is told, so it does not

@@ -96,18 +96,6 @@ class AssignIds:
         return pa.table(columns)
 
 
-class DropDone:
-    """Drops rows whose image_id is already in the output (resume)."""
-
-    def __init__(self, done_ids: pa.Array):
-        self.done_ids = done_ids
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        if len(self.done_ids) == 0:
-            return table
-        return table.filter(pc.invert(pc.is_in(table["image_id"], value_set=self.done_ids)))
-
-
 class FetchDecode:
     """Reads the bytes of each row's image concurrently, decodes and preprocesses them with the library's
     one preprocessing; anything that fails for one row becomes that row's error. Fetches run in
@@ -117,7 +105,7 @@ class FetchDecode:
     def __init__(self, spec: JobSpec):
         self.spec = spec
         self.fetcher = Fetcher(spec.max_bytes)
-        self.decoding = None  # made in the worker: a lock does not travel to it
+        self.decoding = self.pool = None  # made in the worker: locks and threads do not travel to it
 
     def _one(self, uri):
         from .images import decode_image, quality_pixels, resize_for_semantic
@@ -142,12 +130,12 @@ class FetchDecode:
             return None, f"decode: {type(e).__name__}: {redact_text(str(e))[:200]}"
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if self.decoding is None:
+        if self.pool is None:  # one pool per process, not one per batch
             import threading
 
             self.decoding = threading.BoundedSemaphore(self.spec.decode_slots)
-        with ThreadPoolExecutor(max_workers=self.spec.fetch_threads) as pool:
-            results = list(pool.map(self._one, table["uri"].to_pylist()))
+            self.pool = ThreadPoolExecutor(max_workers=self.spec.fetch_threads)
+        results = list(self.pool.map(self._one, table["uri"].to_pylist()))
         ok = [r is not None for r, _ in results]
         table = table.append_column("status", pa.array([STATUS_OK if o else STATUS_ERROR for o in ok]))
         table = table.append_column("error", pa.array([e for _, e in results], pa.string()))

@@ -1,15 +1,16 @@
 """The score table as its readers see it: one current row per (image_id, model), by ``schema.CURRENT_ROW_ORDER``.
 
 A table is a directory of Parquet parts. A retried row is written to a new part and its error row stays in
-an old one until compaction, so a reader never sees both or neither: it takes the current row."""
+an old one until compaction, so a reader never sees both or neither: it takes the current row. Queries run
+on DuckDB, which streams the parts (local or through fsspec) instead of loading the table into memory."""
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from .errors import TRANSIENT_KINDS, error_kind
+from .errors import TRANSIENT_KINDS
 from .schema import CURRENT_ROW_KEY, CURRENT_ROW_ORDER, STATUS_OK
-from .storage import list_parts, read_columns
+from .storage import part_uris
 
 
 def current_rows_sql(relation: str) -> str:
@@ -18,21 +19,34 @@ def current_rows_sql(relation: str) -> str:
     return f"SELECT * FROM {relation} QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {CURRENT_ROW_ORDER}) = 1"
 
 
-def read_scores(uri: str, model: str | None = None) -> pa.Table:
-    """The current rows of the score table at ``uri`` (any fsspec URI), of one model if given."""
+def connect(parts: list[str], memory_limit: str | None = None):
+    """A DuckDB connection that can read ``parts`` (object stores through fsspec)."""
     import duckdb
 
-    from .curation import _register_filesystems, literal, scan
+    from .curation import _register_filesystems
 
-    parts = list_parts(uri)
+    con = duckdb.connect()
+    if memory_limit:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+    _register_filesystems(con, parts)
+    return con
+
+
+def scan_parts(parts: list[str]) -> str:
+    from .curation import scan
+
+    return scan(parts, "parquet")
+
+
+def read_scores(uri: str, model: str | None = None) -> pa.Table:
+    """The current rows of the score table at ``uri`` (any fsspec URI), of one model if given."""
+    from .curation import literal
+
+    parts = part_uris(uri)
     if not parts:
         return pa.table({})
-    con = duckdb.connect()
-    from .storage import scheme_of
-
-    parts = [p if not scheme_of(uri) or scheme_of(uri) in ("file", "local") else f"{scheme_of(uri)}://{p}" for p in parts]
-    _register_filesystems(con, parts)
-    relation = f"(SELECT * FROM {scan(parts, 'parquet')}{f' WHERE model = {literal(model)}' if model else ''})"
+    con = connect(parts)
+    relation = f"(SELECT * FROM {scan_parts(parts)}{f' WHERE model = {literal(model)}' if model else ''})"
     table = con.execute(current_rows_sql(relation) + " ORDER BY image_id, model").to_arrow_table()
     if "scored_at" in table.column_names:  # DuckDB names the zone Etc/UTC; the table's schema says UTC
         i = table.column_names.index("scored_at")
@@ -40,23 +54,37 @@ def read_scores(uri: str, model: str | None = None) -> pa.Table:
     return table
 
 
-def resume_state(output_uri: str, model_id: str, retry_errors: bool = False) -> tuple[pa.Array, int]:
-    """(image ids ``output_uri`` holds a final row for, scored by ``model_id``; how many of its ids this run
-    scores again). An id whose current row is an error of a transient kind (TRANSIENT_KINDS) is scored
-    again, and with ``retry_errors`` so is every error row."""
-    if not list_parts(output_uri):
-        return pa.array([], pa.string()), 0
-    rows = read_columns(output_uri, ["image_id", "status", "error", "scored_at"], filters=[("model", "=", model_id)])
-    if len(rows) == 0:
-        return pa.array([], pa.string()), 0
-    ok_ids = pc.unique(rows.filter(pc.equal(rows["status"], STATUS_OK))["image_id"])
-    errors = rows.filter(pc.invert(pc.is_in(rows["image_id"], value_set=ok_ids)))
-    latest = (
-        errors.sort_by([("image_id", "ascending"), ("scored_at", "ascending")])
-        .group_by("image_id", use_threads=False).aggregate([("error", "last")])
-    )
-    kinds = [error_kind(e) or "" for e in latest["error_last"].to_pylist()]
-    again = [retry_errors or k in TRANSIENT_KINDS for k in kinds]
-    final_errors = latest["image_id"].filter(pa.array([not a for a in again], pa.bool_()))
-    done = pa.concat_arrays([ok_ids.cast(pa.string()), final_errors.combine_chunks().cast(pa.string())])
-    return done, sum(again)
+def resume_plan(output_uri: str, model_id: str, ids: pa.ChunkedArray | pa.Array, wanted: np.ndarray | None = None,
+                retry_errors: bool = False) -> tuple[np.ndarray, int]:
+    """Which manifest rows the table already holds a final row for: (a bool mask over ``ids``, how many of the
+    ``wanted`` rows have an error row that this run scores again).
+
+    An id's row is final when it is ok, or an error of a permanent kind (any kind with ``retry_errors`` is
+    scored again; transient ones, TRANSIENT_KINDS, always are). An anti-join on DuckDB: the table's parts are
+    streamed, narrowed to this model and to the manifest's ids, and never held by the caller."""
+    from .curation import literal
+
+    done = np.zeros(len(ids), bool)
+    parts = part_uris(output_uri)
+    if not parts or len(ids) == 0:
+        return done, 0
+    manifest = pa.table({"image_id": ids, "pos": pa.array(np.arange(len(ids), dtype=np.int64))})
+    if wanted is not None:
+        manifest = manifest.filter(pa.array(wanted))
+    con = connect(parts)
+    con.register("manifest", manifest)
+    transient = ", ".join(literal(k) for k in sorted(TRANSIENT_KINDS))
+    again = "TRUE" if retry_errors else f"split_part(last_error, ':', 1) IN ({transient})"
+    result = con.execute(f"""
+        WITH rows AS (
+            SELECT image_id, status, error, scored_at FROM {scan_parts(parts)}
+            WHERE model = {literal(model_id)} AND image_id IN (SELECT image_id FROM manifest)),
+        latest AS (
+            SELECT image_id, bool_or(status = '{STATUS_OK}') AS any_ok, arg_max(error, scored_at) AS last_error
+            FROM rows GROUP BY image_id)
+        SELECT m.pos, (l.any_ok OR NOT ({again})) AS final
+        FROM manifest m JOIN latest l USING (image_id)""").to_arrow_table()
+    pos = result["pos"].to_numpy()
+    final = result["final"].to_numpy(zero_copy_only=False).astype(bool)
+    done[pos[final]] = True
+    return done, int((~final).sum())

@@ -313,6 +313,13 @@ def list_parts(output_uri: str) -> list[str]:
     ) if fs.isdir(path) else []
 
 
+def part_uris(output_uri: str) -> list[str]:
+    """The finished parts as full URIs (with their scheme), for readers outside fsspec such as DuckDB."""
+    scheme = scheme_of(output_uri)
+    remote = scheme and scheme not in LOCAL_SCHEMES
+    return [f"{scheme}://{p}" if remote else p for p in list_parts(output_uri)]
+
+
 def count_rows(output_uri: str) -> int:
     """Rows in every finished part, from the Parquet footers alone."""
     fs, _ = fsspec.core.url_to_fs(output_uri)

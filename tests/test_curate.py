@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from helpers import SAMPLE, read_table, sample_rows
-from jobs import curate, score
+from jobs import curate
 
 
 def write_manifest(path, rows):
@@ -61,13 +61,14 @@ def test_resume_counts_only_the_same_models_rows(tmp_path):
     """Rows another model scored do not count as done: the table collects both models' scores."""
     from datetime import datetime, timezone
 
-    from ma_agiqa.score_table import resume_state
+    from ma_agiqa.score_table import resume_plan
 
     out = tmp_path / "scores"
     out.mkdir()
     t = datetime(2026, 1, 1, tzinfo=timezone.utc)
     pq.write_table(pa.table({"image_id": ["a", "b", "a"], "model": ["m@1", "m@1", "n@2"], "status": ["ok", "ok", "ok"],
                              "error": pa.array([None] * 3, pa.string()), "scored_at": [t] * 3}), out / "part-x.parquet")
-    assert sorted(resume_state(str(out), "m@1")[0].to_pylist()) == ["a", "b"]
-    assert resume_state(str(out), "n@2")[0].to_pylist() == ["a"]
-    assert len(resume_state(str(tmp_path / "none"), "m@1")[0]) == 0
+    ids = pa.array(["a", "b", "c"])
+    assert resume_plan(str(out), "m@1", ids)[0].tolist() == [True, True, False]
+    assert resume_plan(str(out), "n@2", ids)[0].tolist() == [True, False, False]
+    assert resume_plan(str(tmp_path / "none"), "m@1", ids)[0].tolist() == [False] * 3

@@ -22,7 +22,7 @@ from jobs import score
 from ma_agiqa.errors import ImageError
 from ma_agiqa.pipeline import FetchDecode, JobSpec, ScoreRows, WriteParts, summarise
 from ma_agiqa.schema import score_schema, validate_score_table
-from ma_agiqa.score_table import read_scores, resume_state
+from ma_agiqa.score_table import resume_plan
 from ma_agiqa.storage import Fetcher, read_manifest_file, resolve_image_uri, write_part_atomically
 
 EXPERTS = ["coherence", "semantic", "quality"]
@@ -109,7 +109,7 @@ def test_transient_errors_heal_on_the_next_run_and_permanent_ones_on_request(loc
     # an earlier run's error rows for images that are fine: two transient kinds, one permanent
     _error_part(out, tiny_model.model_id, {ids[8]: "fetch: ConnectionError reading x", ids[9]: "model: quality: RuntimeError",
                                            ids[10]: "not_image: pretend"})
-    assert resume_state(str(out), tiny_model.model_id)[1] == 2
+    assert resume_plan(str(out), tiny_model.model_id, pa.array(ids))[1] == 2
     second = run_job(*sample_args(out, "--batch-size", "8"))
     assert second["retried"] == 2 and second["to_score"] == 40 - 8 - 1
     current = ma_agiqa.read_scores(str(out)).to_pylist()
@@ -120,7 +120,7 @@ def test_transient_errors_heal_on_the_next_run_and_permanent_ones_on_request(loc
     assert run_job(*sample_args(out))["to_score"] == 0  # nothing transient left
     third = run_job(*sample_args(out, "--retry-errors"))
     assert third["to_score"] == 1 and third["retried"] == 1
-    current = read_scores(str(out))
+    current = ma_agiqa.read_scores(str(out))
     validate_score_table(current, EXPERTS)
     assert current.num_rows == 40 and set(current["status"].to_pylist()) == {"ok"}
     assert third["table_rows"] == read_table(str(out)).num_rows == 43  # superseded rows stay until compaction
@@ -270,17 +270,15 @@ def test_errors_never_carry_a_query_string(tmp_path):
 
 # -- clear errors, before work ---------------------------------------------------------------------------
 def _fails_before_ray(argv, capsys, *expected):
-    import ray
-
     assert score.main(argv) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     for text in expected:
         assert text in err, err
-    assert not ray.is_initialized()
 
 
-def test_unusable_settings_and_manifests_stop_before_ray_with_one_line(tmp_path, capsys):
+def test_unusable_settings_and_manifests_stop_before_ray_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(score, "init_ray", lambda *a, **kw: pytest.fail("Ray was started"))
     m = str(SAMPLE / "manifest.jsonl")
     (tmp_path / "file").write_text("x")
     _fails_before_ray(["--manifest", m, "--output", str(tmp_path / "file")], capsys, "existing file")
