@@ -8,7 +8,9 @@
    ids derived as the scoring job derives them). Scores of images of other manifests are out of scope
    (counted in the summary, not written).
 
-OUTPUT/_summary.json holds the scoring run's summary under "scoring" and the filter's beside it.
+3. With --compact, compacts the score table first (jobs.compact), so nightly runs do not pile up small parts.
+
+OUTPUT/_summary.json holds the scoring run's summary under "scoring" (and "compaction"), the filter's beside it.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="where the curated manifest, the rejected rows and the summary go")
     score.add_scoring_args(p)
     add_rule_args(p)
+    p.add_argument("--compact", action="store_true",
+                   help="at the end, compact the score table (jobs.compact: its current rows in large parts)")
+    p.add_argument("--compact-rows-per-file", type=int, default=1_000_000, help="rows per compacted part")
     args = p.parse_args(argv)
     if args.metadata:
         p.error("--metadata: jobs.curate joins the manifest itself; use jobs.filter for another table")
@@ -46,10 +51,15 @@ def scoring_args(args) -> argparse.Namespace:
 def run(args) -> dict:
     rules = rules_from(args)  # bad rule options fail before any scoring
     scored = score.run(scoring_args(args))
+    extra = {"scoring": scored}
+    if args.compact:
+        from jobs.compact import compact
+
+        extra["compaction"] = compact(args.scores, args.compact_rows_per_file, args.memory_limit)
     return run_filter(
         args.scores, args.output, rules, model=scored["model_id"], metadata=args.manifest, on="image_id",
         unmatched_scores="ignore", rows_per_file=args.rows_per_file, memory_limit=args.memory_limit,
-        temp_dir=args.temp_dir, metadata_is_manifest=True, extra_summary={"scoring": scored},
+        temp_dir=args.temp_dir, metadata_is_manifest=True, extra_summary=extra,
     )
 
 

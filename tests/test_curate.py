@@ -52,8 +52,9 @@ def test_curate_twice_scores_nothing_then_only_new_rows(local_ray, tmp_path):
     shutil.rmtree(ckpt)
     create_model("tiny-random").save_pretrained(ckpt)
     write_manifest(manifest, first + rows[10:13])
-    s3 = curate.run(curate.parse_args(argv))
+    s3 = curate.run(curate.parse_args(argv + ["--compact"]))
     assert s3["scoring"]["to_score"] == 3 and len(read_table(scores)) == 14
+    assert s3["compaction"]["parts_after"] == 1 and s3["compaction"]["rows_after"] == 14
     assert s3["kept"] + s3["rejected"] == 14
 
 
