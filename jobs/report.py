@@ -43,7 +43,8 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     return run_and_report(parse_args(argv), run, lambda stats, args: (
-        f"report: {args.output} ({stats['bytes'] / 1e6:.1f} MB, {stats['thumbnails']} thumbnails)"))
+        f"report: {args.output} ({stats['bytes'] / 1e6:.1f} MB, {stats['thumbnails']} thumbnails)"
+        + (f"; {stats['note']}" if stats.get("note") else "")))
 
 
 if __name__ == "__main__":

@@ -205,14 +205,26 @@ def build_report(
                           "WHERE status = 'ok'").fetchall()[0][0] or []
     groups = group_columns(con, columns, group_by, prompt_column)
     kinds = errors_table(con)
-    thumbs = thumbnails(con, prompt_column, thumbs_per_decile, image_root, thumb_size)
+    thumbs = thumbnails(con, prompt_column, thumbs_per_decile, image_root, thumb_size) if ok else []
     stats = {"rows": n, "ok": ok, "errors": n - ok, "model": chosen, "deciles": deciles, "groups": groups,
              "errors_by_kind": dict(kinds), "thumbnails": len(thumbs),
-             "thumbnails_failed": sum(t.data_uri is None for t in thumbs)}
-    charts = [("histogram", "Score distribution", histogram_chart(con, deciles))]
-    charts += [(f"by-{c}", f"Score by {c}", box_chart(con, c)) for c in groups]
-    charts += [("gates", "Gate weights", gates_chart(con, gates)), ("errors", "Errors by kind", errors_chart(kinds))]
+             "thumbnails_failed": sum(t.data_uri is None for t in thumbs), "note": empty_note(n, ok)}
+    charts = []
+    if ok:  # without a scored image there is no distribution to draw, only the errors
+        charts += [("histogram", "Score distribution", histogram_chart(con, deciles))]
+        charts += [(f"by-{c}", f"Score by {c}", box_chart(con, c)) for c in groups]
+        charts += [("gates", "Gate weights", gates_chart(con, gates))]
+    charts += [("errors", "Errors by kind", errors_chart(kinds))]
     return render(scores, stats, charts, kinds, thumbs, deciles), stats
+
+
+def empty_note(rows: int, ok: int) -> str | None:
+    """What the report says in place of its charts when the table holds nothing to chart."""
+    if rows == 0:
+        return "the table is empty: it holds no rows"
+    if ok == 0:
+        return f"no scored images: {rows:,} {'row' if rows == 1 else 'rows'}, all errors"
+    return None
 
 
 def render(scores: str, stats: dict, charts, kinds, thumbs: list[Thumb], deciles: list[float]) -> str:
@@ -221,15 +233,20 @@ def render(scores: str, stats: dict, charts, kinds, thumbs: list[Thumb], deciles
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         f"<title>ma-agiqa report: {e(scores)}</title><style>{CSS}</style></head><body>",
-        f"<h1>Score report</h1><p class='meta'>{e(scores)} &middot; model <code>{e(str(stats['model']))}</code> &middot; "
+        f"<h1>Score report</h1><p class='meta'>{e(scores)} &middot; model <code>{e(str(stats['model'] or 'none'))}</code> &middot; "
         f"{stats['rows']:,} rows, {stats['ok']:,} scored, {stats['errors']:,} errors</p>",
     ]
+    if stats.get("note"):
+        parts.append(f"<p class='note' id='note'>{e(stats['note'][0].upper() + stats['note'][1:])}.</p>")
     for chart_id, title, svg in charts:
         parts.append(f"<section><h2>{e(title)}</h2><figure class='chart' id='chart-{e(chart_id)}'>{svg}</figure>")
         if chart_id == "errors" and kinds:
             parts.append("<table><tr><th>kind</th><th>rows</th></tr>"
                          + "".join(f"<tr><td>{e(k)}</td><td>{n:,}</td></tr>" for k, n in kinds) + "</table>")
         parts.append("</section>")
+    if not stats["ok"]:
+        parts.append("</body></html>")
+        return "\n".join(parts)
     parts.append("<section><h2>Images by score decile</h2><p class='meta'>A fixed sample of each tenth of the scored "
                  "images, lowest first: what a threshold at a decile boundary drops (above) and keeps (below).</p>")
     for d in range(1, 11):
@@ -255,6 +272,7 @@ CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px auto;max-width:1180px;color:#222;padding:0 16px}
 h1{margin:0 0 4px}h2{margin:28px 0 8px;border-bottom:1px solid #ddd}h3{margin:16px 0 6px;font-size:15px}
 h3 span{color:#777;font-weight:normal;font-size:13px}.meta{color:#555}
+.note{background:#fdf3e1;border:1px solid #e8c98f;padding:8px 12px;border-radius:3px;font-weight:600}
 figure.chart{margin:0}figure.chart svg{max-width:100%;height:auto}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:2px 10px;text-align:left}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:10px}
@@ -266,5 +284,7 @@ figcaption small{color:#888}
 
 def chart_ids(stats: dict) -> list[str]:
     """The ids of the charts a report with these stats holds (for checks)."""
+    if not stats["ok"]:
+        return ["chart-errors"]
     return ["chart-histogram", *[f"chart-by-{c}" for c in stats["groups"]], "chart-gates", "chart-errors"]
 

@@ -67,3 +67,25 @@ def test_report_groups_by_joined_metadata(tmp_path):
     assert 'chart-by-generator' in out.read_text() and rows[0]["prompt"] in out.read_text()
     assert report.main(["--scores", scores, "--output", str(out), "--group-by", "nope"]) == 2
     assert len(read_table(scores)) == 12
+
+
+def test_report_on_a_table_without_scored_images_says_so(tmp_path, capsys):
+    """All rows are errors: no distribution to draw, the page says so and still counts the errors by kind."""
+    scores = write_scores(tmp_path / "scores", [("a", None, "a fox"), ("b", None, "a cat"), ("c", None, None)])
+    out = tmp_path / "report.html"
+    assert report.main(["--scores", scores, "--output", str(out)]) == 0
+    assert "no scored images: 3 rows, all errors" in capsys.readouterr().out
+    page = out.read_text()
+    assert "No scored images: 3 rows, all errors." in page and "3 rows, 0 scored, 3 errors" in page
+    assert re.search(r"<td>missing</td><td>3</td>", page) and "id='chart-errors'><svg" in page
+    assert "chart-histogram" not in page and "class='decile'" not in page
+
+
+def test_report_on_an_empty_table_says_so(tmp_path, capsys):
+    scores = write_scores(tmp_path / "scores", [])
+    out = tmp_path / "report.html"
+    assert report.main(["--scores", scores, "--output", str(out), "--group-by", "prompt"]) == 0
+    assert "the table is empty" in capsys.readouterr().out
+    page = out.read_text()
+    assert "The table is empty: it holds no rows." in page and "0 rows, 0 scored, 0 errors" in page
+    assert "class='decile'" not in page and "<td>" not in page
