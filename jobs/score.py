@@ -57,10 +57,15 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-outside-root", action="store_true", help="with --image-root, accept absolute uris outside it")
     p.add_argument("--address", default=None, help="Ray address; default RAY_ADDRESS, else a local Ray")
     p.add_argument("--batch-size", type=int, default=16, help="images per model batch")
-    p.add_argument("--semantic-actors", type=int, default=1, help="actors hosting the MLLM")
+    p.add_argument("--semantic-actors", type=int, default=None,
+                   help="actors hosting the MLLM; default: 3/4 of the cluster's GPU slots, 1 without GPUs")
     p.add_argument("--quality-actors", type=int, default=None,
-                   help="actors hosting MANIQA + MoE (the whole model when fused); default 1 with GPUs, else one per CPU (at most 8)")
-    p.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per model actor (fractions allowed); default 1 if the cluster has GPUs, else 0")
+                   help="actors hosting MANIQA + MoE (the whole model when fused); default: the GPU slots the MLLM leaves, else one per CPU (at most 8)")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs per model actor (fractions allowed); default 1 if the cluster has 2+ GPUs, 0.5 with one, else 0. "
+                        "Give it on a cluster that scales GPU workers from zero")
+    p.add_argument("--wait-for-cluster", type=float, default=900,
+                   help="seconds to wait for a cluster to scale up to the job's actors (asked of its autoscaler)")
     p.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs reserved per model actor; default 1 with GPUs, 0.5 on CPU only")
     p.add_argument("--threads-per-actor", type=int, default=None, help="torch CPU threads per model actor; default: the CPUs it reserves, at least 1")
     p.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
@@ -96,7 +101,7 @@ def kept_columns(args) -> list[str]:
 
 
 def check_options(args) -> None:
-    for name in ("batch_size", "rows_per_file", "max_bytes", "max_pixels", "semantic_actors"):
+    for name in ("batch_size", "rows_per_file", "max_bytes", "max_pixels", "semantic_actors", "quality_actors"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise JobConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -234,31 +239,106 @@ def plan(args) -> tuple[JobSpec, Manifest]:
     return job_spec(args, manifest.schema), manifest
 
 
-def quality_actor_count(args, gpus: float, cluster_cpus: float) -> int:
-    """--quality-actors, else 1 with GPUs and one per CPU (at most 8) without: on CPUs, single-threaded
-    model actors side by side beat one actor with more threads (benchmarks/README.md)."""
-    if args.quality_actors is not None:
-        return args.quality_actors
-    return 1 if gpus > 0 else min(8, max(1, int(cluster_cpus)))
+@dataclass
+class Layout:
+    """Where the model stages run: per-actor GPUs and CPUs, how many actors of each stage."""
+
+    gpus: float  # per model actor
+    cpus: float  # per model actor
+    fused: bool  # both model stages (and, without GPUs, decoding) in one pool
+    semantic_actors: int  # 0 when fused or the model has no semantic branch
+    quality_actors: int
+    threads: int  # torch CPU threads per actor
+
+    @property
+    def actors(self) -> int:
+        return self.semantic_actors + self.quality_actors
+
+    def bundles(self) -> list[dict]:
+        """What the job needs of the cluster: each model actor, and one CPU for the read, decode and write
+        tasks, without which Ray Data waits forever for room to schedule them."""
+        actor = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
+        return [dict(actor) for _ in range(self.actors)] + [{"CPU": 1.0}]
 
 
-def actor_cpus(args, gpus: float, spec: JobSpec, cluster_cpus: float, fused: bool = False) -> float:
-    """CPUs reserved per model actor. The actors must leave at least one CPU for the read, decode and
-    write tasks, or Ray Data waits forever for room to schedule them."""
-    n_actors = quality_actor_count(args, gpus, cluster_cpus)
-    n_actors += args.semantic_actors if spec.semantic_prompts and not fused else 0
-    room = cluster_cpus - 1
+def plan_layout(args, spec: JobSpec, resources: dict) -> Layout:
+    """Explicit --gpus-per-actor, --semantic-actors, --quality-actors and --cpus-per-actor are taken as given,
+    whatever the cluster holds now (a cluster that scales from zero holds nothing yet). Defaults come from
+    the cluster: with GPUs, a GPU per actor (half of one when it has a single GPU), three quarters of the GPU
+    slots to the MLLM stage and the rest to the quality stage; without, one fused actor per CPU (at most 8;
+    single-threaded actors side by side beat one actor with more threads, benchmarks/README.md)."""
+    cluster_gpus, cluster_cpus = resources.get("GPU", 0), resources.get("CPU", 0)
+    gpus = args.gpus_per_actor
+    if gpus is None:
+        gpus = 0.0 if cluster_gpus <= 0 else 1.0 if cluster_gpus >= 2 else 0.5
+    fused = args.fuse == "on" or (args.fuse == "auto" and gpus == 0)
+    staged = bool(spec.semantic_prompts) and not fused
+    if gpus > 0:
+        slots = max(2 if staged else 1, int(cluster_gpus / gpus))
+        semantic = (args.semantic_actors or max(1, slots * 3 // 4)) if staged else 0
+        quality = args.quality_actors or max(1, slots - semantic)
+    else:
+        semantic = (args.semantic_actors or 1) if staged else 0
+        quality = args.quality_actors or min(8, max(1, int(cluster_cpus)))
+    n_actors = semantic + quality
     if args.cpus_per_actor is not None:
-        if n_actors * args.cpus_per_actor > room:
-            raise JobConfigError(
-                f"{n_actors} model actors x {args.cpus_per_actor} CPUs leave no CPU for decoding on a cluster with "
-                f"{cluster_cpus:g} CPUs: lower --cpus-per-actor or the actor counts"
-            )
-        return args.cpus_per_actor
-    wanted = 1.0 if gpus > 0 else 0.5
-    if room <= 0:
-        raise JobConfigError(f"the cluster has {cluster_cpus:g} CPUs; the job needs at least 2")
-    return min(wanted, room / n_actors)
+        cpus = args.cpus_per_actor
+    elif gpus > 0:
+        cpus = 1.0
+    else:  # share what the cluster has, leaving one CPU for the tasks
+        cpus = min(0.5, max(cluster_cpus - 1, 0.0) / n_actors) if cluster_cpus > 1 else 0.5
+    # Torch threads per model actor: one per reserved CPU. On CPU-only nodes, more threads than reserved
+    # CPUs oversubscribe the cores and were measured slower (benchmarks/README.md): add actors instead.
+    threads = args.threads_per_actor or max(1, int(cpus))
+    return Layout(gpus, cpus, fused, semantic, quality, threads)
+
+
+def fits(bundles: list[dict], nodes: list[dict]) -> bool:
+    """Whether the bundles can all be placed on the nodes' total resources (first fit, largest first)."""
+    free = [dict(n) for n in nodes]
+    for b in sorted(bundles, key=lambda b: (b.get("GPU", 0), b.get("CPU", 0)), reverse=True):
+        node = next((n for n in free if all(n.get(k, 0) + 1e-9 >= v for k, v in b.items())), None)
+        if node is None:
+            return False
+        for k, v in b.items():
+            node[k] -= v
+    return True
+
+
+def wait_for_cluster(layout: Layout, local: bool, timeout_s: float) -> None:
+    """A local Ray is what it is: a layout it cannot hold is the user's error. A cluster may scale up: ask
+    its autoscaler for the layout's bundles (ray.autoscaler.sdk.request_resources) and wait for the nodes,
+    saying what is missing, until ``timeout_s``."""
+    import ray
+
+    def nodes():
+        return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+    bundles = layout.bundles()
+    if fits(bundles, nodes()):
+        return
+    need = {k: sum(b.get(k, 0) for b in bundles) for k in ("CPU", "GPU")}
+    if local:
+        raise JobConfigError(
+            f"{layout.actors} model actors x ({layout.cpus:g} CPU, {layout.gpus:g} GPU) and one CPU for decoding do not "
+            f"fit this machine's Ray ({ray.cluster_resources()}): lower --cpus-per-actor, --gpus-per-actor or the actor counts")
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
+    started, said = time.time(), 0.0
+    while not fits(bundles, nodes()):
+        waited = time.time() - started
+        if waited > timeout_s:
+            raise JobConfigError(f"the cluster did not provide {need['CPU']:g} CPUs and {need['GPU']:g} GPUs for "
+                                 f"{layout.actors} model actors within {timeout_s:g} s (--wait-for-cluster)")
+        if waited - said >= 15 or said == 0:
+            have = ray.cluster_resources()
+            log.info(f"waiting for the cluster to scale up: need {need['CPU']:g} CPUs and {need['GPU']:g} GPUs for "
+                     f"{layout.actors} model actors, have {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs "
+                     f"({waited:.0f} s)")
+            said = waited or 0.001
+        time.sleep(2)
+    log.info(f"the cluster holds the job's actors after {time.time() - started:.0f} s")
 
 
 class ReadManifestFiles:
@@ -343,17 +423,11 @@ def run(args) -> dict:
     init_ray(args.address, args.s3_endpoint)
     started = time.time()  # the summary's images/s count from here: Ray up
 
-    resources = ray.cluster_resources()
-    gpus = args.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
-    fused = args.fuse == "on" or (args.fuse == "auto" and gpus == 0)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    layout = plan_layout(args, spec, ray.cluster_resources())
+    wait_for_cluster(layout, local=not address, timeout_s=args.wait_for_cluster)
+    gpus, cpus, threads, fused = layout.gpus, layout.cpus, layout.threads, layout.fused
     decode_in_actors = fused and gpus == 0
-    args.quality_actors = quality_actor_count(args, gpus, resources.get("CPU", 0))
-    cpus = actor_cpus(args, gpus, spec, resources.get("CPU", 0), fused)
-    # Torch threads per model actor: one per reserved CPU. On CPU-only nodes, more threads than reserved
-    # CPUs oversubscribe the cores and were measured slower (benchmarks/README.md): add actors instead.
-    threads = args.threads_per_actor or max(1, int(cpus))
 
     # What this run's rows will say in their model column, needed only to resume: working it out can mean
     # building the model, which a first run leaves to the actors.
@@ -362,11 +436,10 @@ def run(args) -> dict:
     if scorer:
         done, retried = resume_plan(args.output, scorer, manifest.ids, manifest.score, args.retry_errors)
         manifest.score &= ~done
-    n_actors = args.quality_actors + (args.semantic_actors if spec.semantic_prompts and not fused else 0)
-    todo, n_todo = rows_to_score(manifest, spec, args.batch_size, n_actors)
+    todo, n_todo = rows_to_score(manifest, spec, args.batch_size, layout.actors)
     summary = {
         "model_stages": "fused" if fused else "separate", "decode": "in the model actors" if decode_in_actors else "tasks",
-        "quality_actors": args.quality_actors,
+        "semantic_actors": layout.semantic_actors, "quality_actors": layout.quality_actors, "gpus_per_actor": gpus,
         "threads_per_actor": threads, "cpus_per_actor": cpus,
         "manifest": redact(args.manifest), "output": redact(args.output), "model": args.model, "model_id": scorer,
         "manifest_rows": manifest.rows, "repeated_ids": manifest.repeated,
@@ -385,10 +458,10 @@ def run(args) -> dict:
             num_cpus=cpus if decode_in_actors else 1, memory=memory,
         )
         if fused:
-            stages = [(ScoreImages, args.quality_actors)]
+            stages = [(ScoreImages, layout.quality_actors)]
         else:
-            stages = [(SemanticFeatures, args.semantic_actors)] if spec.semantic_prompts else []
-            stages.append((ScoreRows, args.quality_actors))
+            stages = [(SemanticFeatures, layout.semantic_actors)] if layout.semantic_actors else []
+            stages.append((ScoreRows, layout.quality_actors))
         for stage, size in stages:  # fixed-size pools: models load once per actor, not per batch
             todo = todo.map_batches(
                 stage, fn_constructor_args=(spec, gpus, threads), batch_size=args.batch_size, batch_format="pyarrow",

@@ -1,8 +1,14 @@
-"""Checkpoint directories (config.json + model.safetensors) read without torch.
+"""Checkpoint directories (config.json + model.safetensors) and model identities, read without torch.
 
-A job's driver needs a model's config (its experts, prompts, views) and its id (config name @ weights hash)
-to plan the job and to resume it, but never its tensors: reading both from the files keeps torch, timm and
-transformers out of the driver, whose seconds of imports would otherwise slow Ray's start on the same cores.
+A job's driver needs a model's config (its experts, prompts, views) and its id to plan the job and to resume
+it, but never its tensors: reading both from the files keeps torch, timm and transformers out of the driver,
+whose seconds of imports would otherwise slow Ray's start on the same cores. Nothing here builds a model
+(``model.py`` imports this module, never the other way round).
+
+A model's id (the score table's ``model`` column, the resume key) is ``<config name>@<digest>``, the digest
+covering everything that changes a score: the trained weights (heads, and a backbone the checkpoint stores),
+the config (backbone and its source, prompts, their order, pooling, framing, dtype, views, MOS scale), and
+the MLLM's and prompt encoder's identity (hub id + revision, or a local folder's config and weight files).
 """
 from __future__ import annotations
 
@@ -18,16 +24,26 @@ from .registry import get_config
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# safetensors metadata of a checkpoint whose heads were saved as initialised, never trained (its value: the
+# initialisation, as in ``UNTRAINED``); checkpoints without it hold trained weights.
+UNTRAINED_KEY = "ma_agiqa_untrained"
+INIT_SEED = 0  # random initialisation is seeded, so every actor that builds a model builds the same one
+UNTRAINED = f"untrained:seed={INIT_SEED}"
 
 
 def hash_weights(tensors: Iterable[tuple[str, bytes]]) -> str:
-    """The weights hash of a model id: sha256 over (name, raw little-endian bytes) pairs given in name order
-    (one tensor's bytes at a time, never a copy of all the weights)."""
+    """The weights hash: sha256 over (name, raw little-endian bytes) pairs given in name order (one tensor's
+    bytes at a time, never a copy of all the weights)."""
     h = hashlib.sha256()
     for name, data in tensors:
         h.update(name.encode())
         h.update(data)
     return h.hexdigest()[:12]
+
+
+def _header(data) -> tuple[dict, int]:
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(bytes(data[8 : 8 + header_len])), 8 + header_len
 
 
 def stored_tensors(path: str | os.PathLike) -> Iterable[tuple[str, memoryview]]:
@@ -36,12 +52,17 @@ def stored_tensors(path: str | os.PathLike) -> Iterable[tuple[str, memoryview]]:
     The file is mapped, not read: the bytes come from the page cache one tensor at a time."""
     with open(path, "rb") as f:
         data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(bytes(data[8 : 8 + header_len]))
-    base = 8 + header_len
+    header, base = _header(data)
     for name in sorted(k for k in header if k != "__metadata__"):
         start, end = header[name]["data_offsets"]
         yield name, data[base + start : base + end]
+
+
+def stored_metadata(path: str | os.PathLike) -> dict:
+    """The ``__metadata__`` of a safetensors file, from its header alone."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(header_len)).get("__metadata__") or {}
 
 
 def shipped_checkpoint(name: str) -> Path | None:
@@ -50,8 +71,16 @@ def shipped_checkpoint(name: str) -> Path | None:
     return path if (path / CONFIG_FILE).is_file() else None
 
 
+def is_remote(name_or_dir) -> bool:
+    return "://" in str(name_or_dir) and not str(name_or_dir).startswith("file://")
+
+
 def directory_of(name_or_dir: str | os.PathLike) -> Path | None:
-    path = Path(name_or_dir)
+    """The local checkpoint directory a path or URI points to: a remote one (``s3://bucket/ckpt/``) is fetched
+    once per node into the cache (``fetch_checkpoint``)."""
+    if is_remote(name_or_dir):
+        return fetch_checkpoint(str(name_or_dir))
+    path = Path(str(name_or_dir).removeprefix("file://"))
     return path if (path / CONFIG_FILE).is_file() else None
 
 
@@ -61,29 +90,123 @@ def checkpoint_dir(name_or_dir: str | os.PathLike) -> Path | None:
 
 
 def load_config(name_or_dir: str | os.PathLike) -> ModelConfig:
-    """A model's config without building it: what a driver needs to plan a job (experts, prompts)."""
+    """A model's config without building it: what a driver needs to plan a job (experts, prompts). A
+    checkpoint's semantic config remembers its directory, for a relative MLLM folder (``semantic``)."""
     directory = checkpoint_dir(name_or_dir)
     if directory is not None:
-        return ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+        cfg = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+        if cfg.semantic is not None:
+            cfg.semantic._base_dir = str(directory)
+        return cfg
+    if is_remote(name_or_dir):
+        raise KeyError(f"{name_or_dir} holds no checkpoint ({CONFIG_FILE})")
     return get_config(str(name_or_dir))
 
 
 def backbone_from_source(cfg: ModelConfig) -> bool:
-    """A frozen pretrained backbone is loaded from its source, so a checkpoint's id leaves it out."""
+    """A frozen pretrained backbone is loaded from its source, so a checkpoint leaves it out (the config names
+    it and its source, so the id still covers it)."""
     return cfg.quality.freeze_backbone and cfg.quality.pretrained is not None
 
 
-def model_id(name_or_dir: str | os.PathLike) -> str:
-    """The ``model`` value a scoring run with this model writes (config name @ weights hash): what resume and
-    curation compare score rows with. A checkpoint's is read from its files; only a registered config
-    without weights (initialised from a seed) is built, with torch, to hash what it initialises."""
-    directory = checkpoint_dir(name_or_dir)
-    if directory is None:
-        from .model import create_model
+def identity(cfg: ModelConfig, weights: str, base_dir: str | os.PathLike | None = None) -> str:
+    """``<name>@<digest>``: the digest of the weights (their hash, or ``UNTRAINED``), the config as it acts on a
+    score (the training settings and the name aside) and the identity of the models it loads from elsewhere."""
+    from .hub import fingerprint
 
-        return create_model(name_or_dir, with_semantic=False, with_prompt=False).model_id
-    cfg = load_config(directory)
-    tensors = stored_tensors(directory / WEIGHTS_FILE)
+    base = str(base_dir) if base_dir is not None else None
+    d = cfg.to_dict()
+    d.pop("name")
+    d.pop("train", None)
+    for expert in d["moe"]["experts"]:
+        if expert["source"] == "semantic":
+            expert["dim"] = None  # the MLLM's width: recorded once built, implied before; the same model
+    loaded = {}
+    if cfg.semantic is not None:
+        loaded["semantic"] = fingerprint(cfg.semantic.model_id, base, cfg.semantic.revision)
+        d["semantic"].pop("model_id")  # a folder's name says nothing: its fingerprint does
+    if cfg.prompt is not None:
+        loaded["prompt"] = fingerprint(cfg.prompt.model_id, base)
+        d["prompt"].pop("model_id")
+    key = json.dumps({"weights": weights, "config": d, "loaded": loaded}, sort_keys=True)
+    return f"{cfg.name}@{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def stored_weights(directory: Path, cfg: ModelConfig) -> str:
+    """A checkpoint's weights as its id names them: the hash of its tensors (without a backbone that comes from
+    its source), or ``UNTRAINED`` for heads saved as initialised."""
+    path = directory / WEIGHTS_FILE
+    marker = stored_metadata(path).get(UNTRAINED_KEY)
+    if marker:
+        return marker
+    tensors = stored_tensors(path)
     if backbone_from_source(cfg):
         tensors = ((k, v) for k, v in tensors if not k.startswith("quality.backbone."))
-    return f"{cfg.name}@{hash_weights(tensors)}"
+    return hash_weights(tensors)
+
+
+def model_id(name_or_dir: str | os.PathLike) -> str:
+    """The ``model`` value a scoring run with this model writes: what resume and curation compare score rows
+    with. Read from a checkpoint's files, or from a registered config alone (its heads as initialised); no
+    model is built."""
+    directory = checkpoint_dir(name_or_dir)
+    cfg = load_config(directory or name_or_dir)
+    if directory is None:
+        return identity(cfg, UNTRAINED)
+    return identity(cfg, stored_weights(directory, cfg), directory)
+
+
+def is_trained(name_or_dir: str | os.PathLike) -> bool:
+    """Whether a model's heads were trained: a checkpoint not saved as initialised, or a registered config
+    that ships trained heads. A registered config without them has random heads, whose scores mean nothing."""
+    directory = checkpoint_dir(name_or_dir)
+    return directory is not None and not stored_metadata(directory / WEIGHTS_FILE).get(UNTRAINED_KEY)
+
+
+def untrained_message(name_or_dir) -> str:
+    return (
+        f"--model {name_or_dir}: its heads were never trained (random weights), so its scores would mean nothing. "
+        "Score with a trained checkpoint (jobs.train writes one; --model takes its directory or s3:// URI) or a "
+        "model that ships trained heads (ma-agiqa-offline), or pass --allow-untrained for a smoke run"
+    )
+
+
+# -- checkpoints on object storage --------------------------------------------------------------------------
+def fetch_checkpoint(uri: str) -> Path:
+    """A checkpoint directory on any fsspec store (``s3://bucket/ckpt/``), copied once per node into
+    ``<cache>/checkpoints/``: keyed by the URI and its weights file's size and ETag/mtime, so a checkpoint
+    overwritten in place is fetched again, and written into a temporary sibling renamed in place, so that
+    several actors on a node never see a half-copied one."""
+    import shutil
+    import tempfile
+
+    import fsspec
+
+    from .hub import cache_dir
+
+    fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
+    try:
+        info = fs.info(f"{root}/{WEIGHTS_FILE}")
+    except FileNotFoundError:
+        raise KeyError(f"{uri} holds no checkpoint ({WEIGHTS_FILE})") from None
+    version = [uri.rstrip("/"), info.get("size"), str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")]
+    key = hashlib.sha256(json.dumps(version).encode()).hexdigest()[:16]
+    target = cache_dir() / "checkpoints" / f"{root.rstrip('/').rsplit('/', 1)[-1]}-{key}"
+    if (target / CONFIG_FILE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        for path in fs.find(root):
+            rel = path[len(root):].lstrip("/")
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(path, str(tmp / rel))
+        if not (tmp / CONFIG_FILE).is_file():
+            raise KeyError(f"{uri} holds no checkpoint ({CONFIG_FILE})")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process on this node got there first: its copy is the same
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -45,27 +45,61 @@ class SemanticConfig:
     """The frozen MLLM that turns (image, prompt) into one vector per prompt.
 
     ``model_id`` is a hub id or a directory; in a saved checkpoint a relative path is resolved against the
-    checkpoint directory. ``prompts`` maps expert name -> question, in expert order.
+    checkpoint directory. ``prompts`` maps expert name -> question, in expert order. The vectors' width is
+    not declared here: it is the MLLM's own (``hidden_size``, read from its config).
     """
 
     model_id: str
-    hidden_size: int
     prompts: dict[str, str] = field(
         default_factory=lambda: {"coherence": COHERENCE_PROMPT, "semantic": SEMANTIC_PROMPT}
     )
     pooling: str = "mean"  # "mean" over all tokens (the reference) or "last" token
     revision: str | None = None
     max_image_side: int = 1024  # images are shrunk to this before the processor (which resizes anyway)
+    # "question-first" (the reference: "question\n<image>", so the image tokens attend to the question) or
+    # "image-first" (most chat templates' layout: the image tokens are then the same for every question)
+    prompt_order: str = "question-first"
+    # "pad" (the reference): centred on a square of the image processor's mean colour; "processor": the
+    # processor's own resize and centre crop
+    framing: str = "pad"
+    dtype: str = "bfloat16"  # the MLLM's dtype on a GPU (float32 on CPU)
 
     def __post_init__(self):
         if self.pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last', got {self.pooling!r}")
         if not self.prompts:
             raise ValueError("the semantic branch needs at least one prompt")
+        if self.prompt_order not in ("question-first", "image-first"):
+            raise ValueError(f"prompt_order must be 'question-first' or 'image-first', got {self.prompt_order!r}")
+        if self.framing not in ("pad", "processor"):
+            raise ValueError(f"framing must be 'pad' or 'processor', got {self.framing!r}")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be 'bfloat16', 'float16' or 'float32', got {self.dtype!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SemanticConfig":
+        # Older checkpoints declared ``hidden_size``; their experts record the same width.
+        return cls(**{k: v for k, v in d.items() if k != "hidden_size"})
+
+    @property
+    def hidden_size(self) -> int:
+        """The semantic vectors' width, the MLLM's: the one a checkpoint's heads were built for (its semantic
+        experts' ``dim``), else read from the MLLM's config.json without loading the model
+        (``ma_agiqa.hub.text_width``)."""
+        width = getattr(self, "_width", None)
+        if width is None:
+            from .hub import text_width
+
+            width = self._width = text_width(self.model_id, getattr(self, "_base_dir", None), self.revision)
+        return width
 
     def prompt_hash(self) -> str:
-        """Identifies the features this branch produces (model, prompts, pooling), for caches."""
-        key = json.dumps([self.model_id, self.revision, self.prompts, self.pooling], sort_keys=True)
+        """Identifies the features this branch produces (model, prompts, their order, pooling, framing, dtype),
+        for caches."""
+        key = json.dumps(
+            [self.model_id, self.revision, self.prompts, self.pooling, self.prompt_order, self.framing, self.dtype],
+            sort_keys=True,
+        )
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -114,7 +148,7 @@ class ExpertConfig:
 
     name: str
     source: str
-    dim: int
+    dim: int | None  # None for a semantic expert of a config never built: the MLLM's width, read at build
 
     def __post_init__(self):
         if self.source not in ("semantic", "quality", "prompt"):
@@ -175,6 +209,11 @@ class ModelConfig:
                 raise ValueError(
                     f"{self.name}: semantic experts {semantic_names} must match the prompts {list(self.semantic.prompts)}"
                 )
+            widths = {e.dim for e in self.moe.experts if e.source == "semantic"}
+            if len(widths) > 1:
+                raise ValueError(f"{self.name}: semantic experts of different widths {sorted(widths, key=str)}")
+            if widths != {None}:  # a built model's config: the width its heads were built for
+                self.semantic._width = widths.pop()
         if "prompt" in sources and self.prompt is None:
             raise ValueError(f"{self.name}: a prompt expert needs a prompt config")
         if "quality" not in sources:
@@ -198,7 +237,7 @@ class ModelConfig:
             name=d["name"],
             quality=QualityConfig(**q),
             moe=MoEConfig(**d["moe"]),
-            semantic=SemanticConfig(**d["semantic"]) if d.get("semantic") else None,
+            semantic=SemanticConfig.from_dict(d["semantic"]) if d.get("semantic") else None,
             prompt=PromptConfig(**d["prompt"]) if d.get("prompt") else None,
             train=TrainConfig(**d.get("train", {})),
             mos_mean=d.get("mos_mean", 0.0),
@@ -212,7 +251,7 @@ def experts_for(
     """The reference's experts (one per MLLM prompt, then quality), plus the prompt expert if configured."""
     experts = []
     if semantic is not None:
-        experts += [ExpertConfig(name, "semantic", semantic.hidden_size) for name in semantic.prompts]
+        experts += [ExpertConfig(name, "semantic", None) for name in semantic.prompts]  # the MLLM's width, at build
     experts.append(ExpertConfig("quality", "quality", quality.out_dim))
     if prompt is not None:
         experts.append(ExpertConfig("prompt", "prompt", prompt.dim))

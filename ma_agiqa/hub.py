@@ -3,9 +3,17 @@ carries a model, or else a hub id for ``from_pretrained``. The one place that tu
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
-BUILTIN_PREFIX = "builtin:"  # builtin:tiny-random-vlm, builtin:tiny-random-sentence
+BUILTIN_PREFIX = "builtin:"  # builtin:tiny-random-vlm, builtin:tiny-random-qwen2-vl, builtin:tiny-random-sentence
+
+
+def cache_dir():
+    """Where built tiny models and fetched checkpoints live: ``MA_AGIQA_CACHE``, else ``~/.cache/ma_agiqa``."""
+    from pathlib import Path
+
+    return Path(os.environ.get("MA_AGIQA_CACHE", Path.home() / ".cache" / "ma_agiqa"))
 
 
 def resolve(model_id: str, base_dir: str | None = None) -> str:
@@ -57,3 +65,32 @@ def fingerprint(model_id: str, base_dir: str | None = None, revision: str | None
     else:
         h.update(f"{model_id}@{revision}".encode())
     return h.hexdigest()[:16]
+
+
+def model_config(model_id: str, base_dir: str | None = None, revision: str | None = None) -> dict:
+    """A model's config.json as written (a local folder's, or the hub's file alone: no weights, no torch)."""
+    path = resolve(model_id, base_dir)
+    if os.path.isdir(path):
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f)
+    from huggingface_hub import hf_hub_download
+
+    with open(hf_hub_download(model_id, "config.json", revision=revision)) as f:
+        return json.load(f)
+
+
+def text_width(model_id: str, base_dir: str | None = None, revision: str | None = None) -> int:
+    """The width of an image-text-to-text model's language model (its last hidden layer's, the semantic
+    vectors'), from its config.json without loading it: ``text_config.hidden_size``, or ``hidden_size`` for a
+    flat config (Qwen2-VL's published one). A config that leaves it to its class's default (llava-1.5's
+    ``text_config`` does) is completed by transformers' own config class, which imports torch."""
+    cfg = model_config(model_id, base_dir, revision)
+    text = cfg.get("text_config")
+    if isinstance(text, dict) and isinstance(text.get("hidden_size"), int):
+        return text["hidden_size"]
+    if text is None and isinstance(cfg.get("hidden_size"), int):
+        return cfg["hidden_size"]
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in cfg.items() if k != "model_type"}
+    return int(AutoConfig.for_model(cfg["model_type"], **fields).get_text_config().hidden_size)

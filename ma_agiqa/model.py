@@ -18,7 +18,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import hub
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, backbone_from_source, checkpoint_dir, directory_of, hash_weights, load_config
+from .checkpoint import (
+    CONFIG_FILE,
+    INIT_SEED,
+    UNTRAINED,
+    UNTRAINED_KEY,
+    WEIGHTS_FILE,
+    backbone_from_source,
+    checkpoint_dir,
+    directory_of,
+    hash_weights,
+    identity,
+    load_config,
+)
 from .config import ModelConfig
 from .images import quality_views
 from .maniqa import MANIQA
@@ -26,8 +38,6 @@ from .moe import MoEHead
 from .prompt_encoder import PromptEncoder
 from .registry import get_config, list_models
 from .semantic import SemanticExtractor
-
-INIT_SEED = 0  # random initialisation is seeded, so every actor that builds a model builds the same one
 
 
 class MAAGIQA(nn.Module):
@@ -48,7 +58,8 @@ class MAAGIQA(nn.Module):
             self.moe = MoEHead(cfg.moe)
         self.semantic = semantic
         self.prompt_encoder = prompt_encoder
-        self.checkpoint_hash = weights_hash(self.trainable_state_dict())
+        self.init_hash = weights_hash(self.trainable_state_dict())  # the heads as initialised
+        self.checkpoint_hash = self.init_hash  # the heads as last loaded or saved
 
     def train(self, mode: bool = True) -> "MAAGIQA":
         """Frozen parts stay in eval mode: no dropout in the MLLM, no BatchNorm statistics drifting in a
@@ -115,9 +126,15 @@ class MAAGIQA(nn.Module):
         return sd
 
     @property
+    def trained(self) -> bool:
+        """Whether the heads, as last loaded or saved, differ from their seeded initialisation."""
+        return self.checkpoint_hash != self.init_hash
+
+    @property
     def model_id(self) -> str:
-        """Names a score's origin: config name + hash of the weights."""
-        return f"{self.cfg.name}@{self.checkpoint_hash}"
+        """Names a score's origin (``checkpoint.identity``): config name @ digest of the weights (as last loaded or
+        saved), the config and the MLLM's identity; ``checkpoint.model_id`` gives the same from the files."""
+        return identity(self.cfg, self.checkpoint_hash if self.trained else UNTRAINED, self.base_dir)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         directory = Path(directory)
@@ -132,7 +149,10 @@ class MAAGIQA(nn.Module):
                 part_cfg.model_id = sub
         sd = {k: v.detach().cpu().contiguous() for k, v in self.trainable_state_dict().items()}
         self.checkpoint_hash = weights_hash(sd)  # the weights may have been trained since __init__
-        save_file(sd, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "ma_agiqa_config": cfg.name})
+        metadata = {"format": "pt", "ma_agiqa_config": cfg.name}
+        if not self.trained:
+            metadata[UNTRAINED_KEY] = UNTRAINED
+        save_file(sd, str(directory / WEIGHTS_FILE), metadata=metadata)
         (directory / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         return directory
 
@@ -145,9 +165,19 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def _build(cfg: ModelConfig, base_dir: str | None, device, with_semantic: bool, with_prompt: bool, load_backbone: bool):
-    semantic = (
-        SemanticExtractor.from_config(cfg.semantic, base_dir, device) if cfg.semantic is not None and with_semantic else None
-    )
+    semantic = None
+    if cfg.semantic is not None:
+        cfg.semantic._base_dir = base_dir
+        recorded = getattr(cfg.semantic, "_width", None)  # the width a checkpoint's heads were built for
+        if with_semantic:
+            semantic = SemanticExtractor.from_config(cfg.semantic, base_dir, device, expected_width=recorded)
+            width = semantic.hidden_size
+        else:
+            width = cfg.semantic.hidden_size  # recorded, else read from the MLLM's config.json
+        for expert in cfg.moe.experts:
+            if expert.source == "semantic":
+                expert.dim = width
+        cfg.semantic._width = width
     prompt = PromptEncoder(cfg.prompt, base_dir).to(device) if cfg.prompt is not None and with_prompt else None
     return MAAGIQA(cfg, semantic, prompt, load_pretrained_backbone=load_backbone, base_dir=base_dir)
 
@@ -178,11 +208,12 @@ def from_pretrained(
     directory: str | os.PathLike, device: str | torch.device = "cpu", with_semantic: bool = True, with_prompt: bool = True
 ) -> MAAGIQA:
     """Load a checkpoint directory; a registered name builds that config (with its shipped weights, if any)."""
-    directory = Path(directory)
-    if not (directory / CONFIG_FILE).is_file():
-        if not directory.exists() and str(directory) in list_models():
+    local = directory_of(directory)  # a remote checkpoint (s3://...) is fetched into the node's cache
+    if local is None:
+        if not Path(str(directory)).exists() and str(directory) in list_models():
             return create_model(str(directory), device, with_semantic, with_prompt)
         raise FileNotFoundError(f"{directory} is neither a checkpoint directory (no {CONFIG_FILE}) nor a registered model")
+    directory = local
     cfg = load_config(directory)
     sd = load_file(str(directory / WEIGHTS_FILE))
     backbone_in_file = any(k.startswith("quality.backbone.") for k in sd)
@@ -194,7 +225,15 @@ def from_pretrained(
         raise ValueError(f"{directory}: checkpoint does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.load_state_dict(sd, strict=False)
     model.checkpoint_hash = weights_hash(model.trainable_state_dict())
+    if load_config_untrained(directory):
+        model.checkpoint_hash = model.init_hash  # saved as initialised (the same seeded weights)
     return model.to(device).eval()
+
+
+def load_config_untrained(directory: Path) -> bool:
+    from .checkpoint import stored_metadata
+
+    return bool(stored_metadata(directory / WEIGHTS_FILE).get(UNTRAINED_KEY))
 
 
 def load_semantic(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu") -> SemanticExtractor:
@@ -203,4 +242,5 @@ def load_semantic(name_or_dir: str | os.PathLike, device: str | torch.device = "
     if cfg.semantic is None:
         raise ValueError(f"{cfg.name} has no semantic branch")
     directory = checkpoint_dir(name_or_dir)
-    return SemanticExtractor.from_config(cfg.semantic, str(directory) if directory else None, device)
+    recorded = getattr(cfg.semantic, "_width", None)
+    return SemanticExtractor.from_config(cfg.semantic, str(directory) if directory else None, device, expected_width=recorded)

@@ -59,7 +59,7 @@ def ma_agiqa_paper() -> ModelConfig:
     return _config(
         "ma-agiqa-paper",
         _maniqa_vit_b8(),
-        semantic=SemanticConfig(model_id="llava-hf/llava-1.5-7b-hf", hidden_size=4096),
+        semantic=SemanticConfig(model_id="llava-hf/llava-1.5-7b-hf"),
         train=TrainConfig(),  # the reference's: Adam 1e-5, wd 1e-5, cosine T_max 50 per iteration, batch 8, 30 epochs
     )
 
@@ -71,7 +71,18 @@ def ma_agiqa_small() -> ModelConfig:
     return _config(
         "ma-agiqa-small",
         _maniqa_vit_b8(),
-        semantic=SemanticConfig(model_id="llava-hf/llava-interleave-qwen-0.5b-hf", hidden_size=896),
+        semantic=SemanticConfig(model_id="llava-hf/llava-interleave-qwen-0.5b-hf"),
+    )
+
+
+@register_model
+def ma_agiqa_qwen2_vl() -> ModelConfig:
+    """Qwen2-VL-2B-Instruct (a 1.5B Qwen2 body + a 675M dynamic-resolution ViT) as the MLLM: another family
+    through the same code path (AutoModelForImageTextToText, its own processor and chat template)."""
+    return _config(
+        "ma-agiqa-qwen2-vl",
+        _maniqa_vit_b8(),
+        semantic=SemanticConfig(model_id="Qwen/Qwen2-VL-2B-Instruct"),
     )
 
 
@@ -119,7 +130,17 @@ def tiny_random() -> ModelConfig:
     random weights, built locally: runs anywhere with no download. For tests and smoke runs."""
     return _config(
         "tiny-random", _tiny_quality(),
-        semantic=SemanticConfig(model_id="builtin:tiny-random-vlm", hidden_size=64),
+        semantic=SemanticConfig(model_id="builtin:tiny-random-vlm"),
+        moe_width=32,
+    )
+
+
+@register_model
+def tiny_random_qwen2_vl() -> ModelConfig:
+    """``tiny-random`` with a tiny random Qwen2-VL (built locally) as the MLLM: the second family's code path."""
+    return _config(
+        "tiny-random-qwen2-vl", _tiny_quality(),
+        semantic=SemanticConfig(model_id="builtin:tiny-random-qwen2-vl"),
         moe_width=32,
     )
 
@@ -129,7 +150,7 @@ def tiny_random_prompt() -> ModelConfig:
     """``tiny-random`` plus the prompt expert on a tiny random BERT."""
     return _config(
         "tiny-random-prompt", _tiny_quality(),
-        semantic=SemanticConfig(model_id="builtin:tiny-random-vlm", hidden_size=64),
+        semantic=SemanticConfig(model_id="builtin:tiny-random-vlm"),
         prompt=PromptConfig(model_id="builtin:tiny-random-sentence", dim=32),
         moe_width=32,
     )

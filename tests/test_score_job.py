@@ -178,19 +178,27 @@ def test_s3_manifest_and_images(local_ray, s3_server, tmp_path):
     assert "testing-secret" not in fs.cat("corpus/scores/_summary.json").decode()
 
 
-def test_actor_cpus_always_leave_room_for_decoding():
-    args = score.parse_args(["--manifest", "m", "--output", "o", "--quality-actors", "2"])
+def test_layouts_leave_room_for_decoding_and_follow_the_cluster(local_ray):
     spec = score.JobSpec(model="tiny-random", experts=EXPERTS, views=None, semantic_prompts={"coherence": 64})
-    assert score.actor_cpus(args, 0.0, spec, 2) == pytest.approx(1 / 3)  # 3 actors share 1 CPU, 1 left for tasks
-    assert score.actor_cpus(args, 0.0, spec, 16) == 0.5
-    assert score.actor_cpus(args, 1.0, spec, 16) == 1.0
-    explicit = score.parse_args(["--manifest", "m", "--output", "o", "--cpus-per-actor", "1"])
-    with pytest.raises(score.JobConfigError, match="no CPU for decoding"):
-        score.actor_cpus(explicit, 0.0, spec, 2)
-    with pytest.raises(score.JobConfigError, match="at least 2"):
-        score.actor_cpus(args, 0.0, spec, 1)
-    # fused (no GPU): the MLLM lives in the quality actors, one per CPU by default
-    assert score.actor_cpus(args, 0.0, spec, 2, fused=True) == pytest.approx(0.5)
-    default = score.parse_args(["--manifest", "m", "--output", "o"])
-    assert score.quality_actor_count(default, 0.0, 2) == 2 and score.quality_actor_count(default, 1.0, 16) == 1
-    assert score.quality_actor_count(default, 0.0, 64) == 8
+
+    def layout(argv, resources):
+        return score.plan_layout(score.parse_args(["--manifest", "m", "--output", "o", *argv]), spec, resources)
+
+    cpu2 = layout(["--quality-actors", "2", "--fuse", "off"], {"CPU": 2})
+    assert (cpu2.semantic_actors, cpu2.quality_actors, cpu2.cpus) == (1, 2, pytest.approx(1 / 3))  # 1 CPU left for tasks
+    assert score.fits(cpu2.bundles(), [{"CPU": 2}]) and not score.fits(cpu2.bundles(), [{"CPU": 1.5}])
+    fused = layout([], {"CPU": 2})  # no GPU: the MLLM lives in the quality actors, one per CPU
+    assert (fused.fused, fused.semantic_actors, fused.quality_actors, fused.cpus) == (True, 0, 2, 0.5)
+    assert layout([], {"CPU": 64}).quality_actors == 8
+    gpu8 = layout([], {"CPU": 64, "GPU": 8})  # GPUs: separate stages, 3/4 of the GPUs to the MLLM
+    assert (gpu8.fused, gpu8.gpus, gpu8.semantic_actors, gpu8.quality_actors, gpu8.cpus) == (False, 1.0, 6, 2, 1.0)
+    gpu1 = layout([], {"CPU": 8, "GPU": 1})
+    assert (gpu1.gpus, gpu1.semantic_actors, gpu1.quality_actors) == (0.5, 1, 1) and score.fits(gpu1.bundles(), [{"CPU": 8, "GPU": 1}])
+    # a cluster that scales from zero: explicit settings are taken as given, not sized to what is there now
+    zero = layout(["--gpus-per-actor", "0.5", "--semantic-actors", "3", "--quality-actors", "1"], {"CPU": 0})
+    assert (zero.gpus, zero.semantic_actors, zero.quality_actors, zero.fused) == (0.5, 3, 1, False)
+    assert not score.fits(zero.bundles(), [{"CPU": 0}])
+    assert score.fits(zero.bundles(), [{"CPU": 0}, {"CPU": 8, "GPU": 2}])
+    explicit = layout(["--cpus-per-actor", "1"], {"CPU": 2})  # 2 actors x 1 CPU + 1 for tasks on a 2-CPU Ray
+    with pytest.raises(score.JobConfigError, match="do not fit"):
+        score.wait_for_cluster(explicit, local=True, timeout_s=1)
