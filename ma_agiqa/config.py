@@ -18,6 +18,9 @@ class QualityViews:
     ``resize`` (the reference): the whole image resized to size x size, one view, in training and test.
     ``crops``: a random size x size crop in training; at test the mean over ``num_crops`` crops at fixed,
     evenly spaced positions, so that the same image always gets the same score.
+    ``antialias`` (resize mode): True, Pillow's bicubic, which widens its kernel when it shrinks (so a
+    512 px image is low-passed on its way to 224); False, bicubic without antialiasing, as the reference's
+    OpenCV ``INTER_CUBIC`` resize (its pixels within one 8-bit level of OpenCV's).
     """
 
     size: int = 224
@@ -25,6 +28,7 @@ class QualityViews:
     num_crops: int = 1
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    antialias: bool = True
 
     def __post_init__(self):
         if self.mode not in ("resize", "crops"):
@@ -125,8 +129,24 @@ class QualityConfig:
     window_size: int = 4
     dim_mlp: int = 768
     scale: float = 0.8
-    drop: float = 0.1
+    drop: float = 0.1  # dropout of the transposed-attention blocks and the score/weight heads
     views: QualityViews = field(default_factory=QualityViews)
+    # Where MANIQA's code (IIGROUP/MANIQA's swin.py and maniqa.py, which MA-AGIQA and pyiqa use) differs from
+    # the first version of ours. Each default is our first version, so a checkpoint saved before a field
+    # existed loads and scores unchanged; ``ma-agiqa-paper`` sets the reference's value.
+    # "reference": the transposed-attention output reshaped as the reference does,
+    # (attn @ v).transpose(1, 2).reshape(B, C, N), a fixed mix of channels and patches that official MANIQA
+    # weights were trained with; "clean": attention output kept as [B, C, N].
+    tab_layout: str = "clean"
+    stage_conv: bool = False  # a 3x3 conv + ReLU closing each Swin layer (the reference's BasicLayer)
+    shared_dim_mlp: bool = False  # stage 2's Swin MLP dim_mlp wide as in the reference (False: dim_mlp // 2)
+    swin_drop: float | None = None  # dropout inside the Swin blocks; None: ``drop`` (the reference: 0)
+    swin_input_drop: float = 0.0  # dropout on each Swin stage's input (the reference: 0.1)
+    drop_path: float = 0.0  # stochastic depth over a stage's blocks, linear from 0 to this (the reference: 0.1)
+
+    def __post_init__(self):
+        if self.tab_layout not in ("clean", "reference"):
+            raise ValueError(f"tab_layout must be 'clean' or 'reference', got {self.tab_layout!r}")
 
     @property
     def out_dim(self) -> int:
@@ -160,12 +180,19 @@ class MoEConfig:
     experts: list[ExpertConfig]
     width: int = 784
     gate: str = "softmax"  # "softmax" over experts, or the reference's un-normalised "linear" gate
-    dropout: float = 0.0
+    dropout: float = 0.0  # before the gate and the regressor (the reference has none)
+    # Each semantic expert's projection: "none", a plain Linear; "relu", the reference's Linear -> ReLU ->
+    # Dropout(semantic_dropout). The quality and prompt experts' projections stay plain Linear, as the
+    # reference's quality projection is.
+    semantic_act: str = "none"
+    semantic_dropout: float = 0.0
 
     def __post_init__(self):
         self.experts = [e if isinstance(e, ExpertConfig) else ExpertConfig(**e) for e in self.experts]
         if self.gate not in ("softmax", "linear"):
             raise ValueError(f"gate must be 'softmax' or 'linear', got {self.gate!r}")
+        if self.semantic_act not in ("none", "relu"):
+            raise ValueError(f"semantic_act must be 'none' or 'relu', got {self.semantic_act!r}")
         names = [e.name for e in self.experts]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate expert names: {names}")

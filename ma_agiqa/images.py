@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import QualityViews
@@ -92,6 +93,8 @@ def quality_pixels(
     these (4x smaller than floats) and normalise where the model runs."""
     s = views.size
     if views.mode == "resize":
+        if not views.antialias:
+            return resize_cubic(image_to_uint8(img), s).unsqueeze(0)
         return image_to_uint8(img.resize((s, s), Image.BICUBIC)).unsqueeze(0)
     x = image_to_uint8(_at_least(img, s))
     _, h, w = x.shape
@@ -102,6 +105,16 @@ def quality_pixels(
     else:
         positions = _grid_positions(h, w, s, views.num_crops)
     return torch.stack([x[:, t : t + s, l : l + s] for t, l in positions])
+
+
+def resize_cubic(x: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [3, size, size] by bicubic interpolation without antialiasing: the kernel of
+    OpenCV's ``INTER_CUBIC`` (a = -0.75, pixel centres aligned, edges replicated), which the reference
+    resizes with, so a shrink samples the image instead of low-passing it first."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    y = F.interpolate(x.unsqueeze(0).float(), size=(size, size), mode="bicubic", align_corners=False, antialias=False)
+    return y[0].round().clamp(0, 255).to(torch.uint8)
 
 
 def normalize(pixels: torch.Tensor, views: QualityViews) -> torch.Tensor:
@@ -139,8 +152,10 @@ def _grid_positions(h: int, w: int, size: int, n: int) -> list[tuple[int, int]]:
 
 
 def augment(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.7) -> torch.Tensor:
-    """The reference's training augmentation on [V, 3, H, W]: a horizontal flip and a random rot90, each
-    with probability ``p``."""
+    """Training augmentation on [V, 3, H, W]: a horizontal flip (of the last axis), then a rot90 by 1-3
+    quarter turns, each with probability ``p``. The reference flips the other axis: its ``np.fliplr`` on a
+    [C, H, W] array reverses H, a vertical flip, after its rot90. Over the quarter turns both give the same
+    eight orientations, with different weights for the flip alone (ours mirrors left-right, its up-down)."""
     if float(torch.rand((), generator=generator)) < p:
         x = x.flip(-1)
     if float(torch.rand((), generator=generator)) < p:

@@ -7,9 +7,24 @@ from torch import nn
 from .config import MoEConfig
 
 
+def _after_projection(cfg: MoEConfig, source: str) -> nn.Module:
+    if source != "semantic":
+        return nn.Identity()
+    layers = ([nn.ReLU()] if cfg.semantic_act == "relu" else []) + (
+        [nn.Dropout(cfg.semantic_dropout)] if cfg.semantic_dropout > 0 else []
+    )
+    return nn.Sequential(*layers) if layers else nn.Identity()
+
+
 class MoEHead(nn.Module):
     """Experts come from the config's list. An expert missing for an image (no prompt, say) is masked out
-    of that image's gate, so the others still score it."""
+    of that image's gate, so the others still score it.
+
+    The reference (MA-AGIQA's MA_AGIQA.forward): each semantic vector through Linear(4096, 784) -> ReLU ->
+    Dropout(0.1), the quality vector through Linear(784, 784), a Linear(3 * 784, 3) gate over the
+    concatenation without softmax, the gate-weighted sum of the three, Linear(784, 1). ``semantic_act``,
+    ``semantic_dropout`` and ``gate="linear"`` give that; ``dropout`` (before the gate and the regressor) is
+    ours, 0 in the reference."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -19,6 +34,8 @@ class MoEHead(nn.Module):
         self.gate = nn.Linear(cfg.width * len(cfg.experts), len(cfg.experts))
         self.dropout = nn.Dropout(cfg.dropout)
         self.regress = nn.Linear(cfg.width, 1)
+        # What follows each projection; parameter-free, so a checkpoint's tensors are the same either way.
+        self.after_projection = nn.ModuleDict({e.name: _after_projection(cfg, e.source) for e in cfg.experts})
 
     def forward(
         self, features: dict[str, torch.Tensor], present: dict[str, torch.Tensor] | None = None
@@ -43,7 +60,10 @@ class MoEHead(nn.Module):
         projected = []
         for i, n in enumerate(self.names):
             x = features.get(n)
-            p = self.project[n](x.to(self.regress.weight.dtype)) if x is not None else ref.new_zeros(b, self.cfg.width)
+            p = (
+                self.after_projection[n](self.project[n](x.to(self.regress.weight.dtype)))
+                if x is not None else ref.new_zeros(b, self.cfg.width)
+            )
             projected.append(p * mask[:, i : i + 1])
         experts = torch.stack(projected, dim=1)  # [B, E, W]
         logits = self.gate(self.dropout(experts.flatten(1)))  # [B, E]

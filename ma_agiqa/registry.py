@@ -35,20 +35,34 @@ def get_config(name: str) -> ModelConfig:
     return _REGISTRY[name]()
 
 
-def _config(name, quality, semantic=None, prompt=None, moe_width=784, gate="softmax", train=None) -> ModelConfig:
+def _config(name, quality, semantic=None, prompt=None, moe_width=784, gate="softmax", train=None, **moe) -> ModelConfig:
     return ModelConfig(
         name=name,
         quality=quality,
         semantic=semantic,
         prompt=prompt,
-        moe=MoEConfig(experts=experts_for(semantic, quality, prompt), width=moe_width, gate=gate),
+        moe=MoEConfig(experts=experts_for(semantic, quality, prompt), width=moe_width, gate=gate, **moe),
         train=train or TrainConfig(),
     )
 
 
-# The reference's MANIQA on timm ViT-B/8 at 224 px (augreg ImageNet-21k weights, normalised with 0.5/0.5).
+# The reference's MoE (MA-AGIQA's MA_AGIQA.forward): each semantic vector through Linear -> ReLU ->
+# Dropout(0.1), an un-normalised linear gate.
+REFERENCE_MOE = {"gate": "linear", "semantic_act": "relu", "semantic_dropout": 0.1}
+
+
+# The reference's quality branch: MANIQA as IIGROUP/MANIQA's code builds it (MA-AGIQA runs that code
+# unchanged), on timm's ViT-B/8 at 224 px with the weights its `vit_base_patch8_224` had in the timm that the
+# reference's repository bundles (a 0.5/0.6 release): AugReg ImageNet-21k pre-training, ImageNet-1k
+# fine-tuning (`augreg_in21k_ft_in1k`; timm's default for the name is now `augreg2`, a further fine-tune).
+# The views' size and normalisation (224, mean = std = 0.5) are that tag's pretrained_cfg (a test checks
+# them against timm's); the resize is the reference's OpenCV bicubic, without antialiasing.
 def _maniqa_vit_b8() -> QualityConfig:
-    return QualityConfig(backbone="vit_base_patch8_224.augreg2_in21k_ft_in1k", layers=(6, 7, 8, 9), pretrained="timm")
+    return QualityConfig(
+        backbone="vit_base_patch8_224.augreg_in21k_ft_in1k", layers=(6, 7, 8, 9), pretrained="timm",
+        tab_layout="reference", stage_conv=True, shared_dim_mlp=True, swin_drop=0.0, swin_input_drop=0.1,
+        drop_path=0.1, views=QualityViews(antialias=False),
+    )
 
 
 @register_model
@@ -61,6 +75,7 @@ def ma_agiqa_paper() -> ModelConfig:
         _maniqa_vit_b8(),
         semantic=SemanticConfig(model_id="llava-hf/llava-1.5-7b-hf"),
         train=TrainConfig(),  # the reference's: Adam 1e-5, wd 1e-5, cosine T_max 50 per iteration, batch 8, 30 epochs
+        **REFERENCE_MOE,
     )
 
 
@@ -72,6 +87,7 @@ def ma_agiqa_small() -> ModelConfig:
         "ma-agiqa-small",
         _maniqa_vit_b8(),
         semantic=SemanticConfig(model_id="llava-hf/llava-interleave-qwen-0.5b-hf"),
+        **REFERENCE_MOE,
     )
 
 
