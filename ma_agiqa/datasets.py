@@ -178,18 +178,64 @@ def load_dataset(name: str, root: str, labels: str | None = None, target: str = 
 
 
 def split_frame(df: pd.DataFrame, seed: int | None = None, by_prompt: bool = False, val_fraction: float = 0.2):
-    """(train, val). The label file's ``split`` column as given when ``seed`` is None; else a seeded random
-    split, by prompt when ``by_prompt`` so that no prompt is on both sides."""
+    """(train, val): two parts, the val part both choosing the epoch and reporting. The label file's ``split``
+    column as given when ``seed`` is None (its ``test`` rows join val); else a seeded random split, by prompt
+    when ``by_prompt`` so that no prompt is on both sides. ``split_three`` gives a separate test part."""
+    train, val, test = split_three(df, seed, by_prompt, val_fraction, 0.0, label_test=False)
+    return train, val
+
+
+def split_three(df: pd.DataFrame, seed: int | None = None, by_prompt: bool = False, val_fraction: float = 0.2,
+                test_fraction: float = 0.2, label_test: bool = True):
+    """(train, val, test): val chooses the epoch, test reports, and neither sees the other's images.
+
+    ``seed`` None: the label file's ``split`` column, its ``test`` rows the test part when it has ``val`` rows
+    too (``label_test``; else its ``test`` rows join val and the test part is empty). A seed: val drawn as
+    ``split_frame`` draws it (the same images for the same seed), then ``test_fraction`` of the rows (of the
+    prompts, ``by_prompt``) drawn from the rest; ``test_fraction`` 0 leaves the test part empty."""
+    if not 0.0 <= test_fraction < 1.0 or not 0.0 < val_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"fractions must leave a training part: val {val_fraction}, test {test_fraction}")
     if seed is None:
         if df["split"].isna().all():
             raise ValueError("the label file has no split column: pass a split seed")
-        return df[df["split"] == "train"].reset_index(drop=True), df[df["split"].isin(["val", "test"])].reset_index(drop=True)
+        split = df["split"]
+        if not (label_test and (split == "val").any() and (split == "test").any()):
+            split = split.replace("test", "val")
+        return tuple(df[split == part].reset_index(drop=True) for part in ("train", "val", "test"))
     rng = np.random.default_rng(seed)
+    units = df["prompt"].unique() if by_prompt else np.arange(len(df))
+    val = rng.choice(len(units), size=max(1, round(len(units) * val_fraction)), replace=False)
+    rest = np.setdiff1d(np.arange(len(units)), val)
+    test = rng.choice(rest, size=round(len(units) * test_fraction), replace=False) if test_fraction else rest[:0]
     if by_prompt:
-        prompts = df["prompt"].unique()
-        val_prompts = set(rng.choice(prompts, size=max(1, round(len(prompts) * val_fraction)), replace=False))
-        is_val = df["prompt"].isin(val_prompts).to_numpy()
+        is_val = df["prompt"].isin(set(units[val])).to_numpy()
+        is_test = df["prompt"].isin(set(units[test])).to_numpy()
     else:
-        is_val = np.zeros(len(df), bool)
-        is_val[rng.choice(len(df), size=max(1, round(len(df) * val_fraction)), replace=False)] = True
-    return df[~is_val].reset_index(drop=True), df[is_val].reset_index(drop=True)
+        is_val, is_test = np.zeros(len(df), bool), np.zeros(len(df), bool)
+        is_val[val], is_test[test] = True, True
+    is_train = ~is_val & ~is_test
+    return tuple(df[m].reset_index(drop=True) for m in (is_train, is_val, is_test))
+
+
+REFERENCE_SPLIT_SEED = 20
+
+
+def reference_split(df: pd.DataFrame, seed: int = REFERENCE_SPLIT_SEED, fractions: tuple[float, float] = (0.7, 0.8)):
+    """(train, val, test) as MA-AGIQA's training script splits a dataset (utils/process.py,
+    ``dataset_general(..., 'random', set_seed=20)``): the row indices in label-file order shuffled by Python's
+    ``random`` seeded with 20, the first int(0.7 n) train, the next up to int(0.8 n) val (choosing the epoch),
+    the rest test (reported). The same procedure, not the same images: the reference shuffles all 2,982 rows
+    of AGIQA-3K's data.csv, so over another set of rows (the 2,385 AGIQA-3K images here) the parts differ."""
+    import random
+
+    order = list(range(len(df)))
+    random.Random(seed).shuffle(order)
+    a, b = int(len(order) * fractions[0]), int(len(order) * fractions[1])
+    return tuple(df.iloc[sorted(part)].reset_index(drop=True) for part in (order[:a], order[a:b], order[b:]))
+
+
+def split_table(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame | None = None) -> pd.DataFrame:
+    """image_id, split for every row of the parts: what ``jobs.train`` writes as split.csv and
+    ``jobs.evaluate --split-file`` reads."""
+    parts = [("train", train), ("val", val)] + ([("test", test)] if test is not None else [])
+    return pd.concat([pd.DataFrame({"image_id": p["image_id"], "split": name}) for name, p in parts], ignore_index=True)

@@ -1,0 +1,84 @@
+"""Train / val / test splits: val chooses the epoch, test reports; the reference's 70/10/20 procedure by name."""
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ma_agiqa.datasets import reference_split, split_frame, split_table, split_three
+
+
+def frame(n: int = 50, prompts: int = 10, split=None) -> pd.DataFrame:
+    return pd.DataFrame({
+        "image_id": [f"img_{i:04d}" for i in range(n)], "uri": [f"/x/{i}.jpg" for i in range(n)],
+        "mos": np.linspace(0, 5, n), "prompt": [f"prompt {i % prompts}" for i in range(n)],
+        "generator": ["g"] * n, "split": split,
+    })
+
+
+def ids(part: pd.DataFrame) -> set:
+    return set(part["image_id"])
+
+
+def test_reference_split_is_the_reference_procedure():
+    df = frame(2385)
+    train, val, test = reference_split(df)
+    # MA-AGIQA's dataset_general(type='random', set_seed=20), written out: shuffle 0..n-1 with Python's random
+    # seeded with 20, cut at int(0.7 n) and int(0.8 n)
+    order = list(range(2385))
+    random.seed(20)
+    random.shuffle(order)
+    assert (len(train), len(val), len(test)) == (1669, 239, 477)
+    assert ids(train) == {df["image_id"][i] for i in order[:1669]}
+    assert ids(val) == {df["image_id"][i] for i in order[1669:1908]}
+    assert ids(test) == {df["image_id"][i] for i in order[1908:]}
+    assert list(test["image_id"]) == sorted(test["image_id"])  # rows keep the label file's order
+    other = reference_split(df, seed=21)[2]
+    assert ids(other) != ids(test)
+
+
+@pytest.mark.parametrize("by_prompt", [False, True])
+def test_seeded_three_way_split_is_disjoint_and_keeps_the_two_way_val(by_prompt):
+    df = frame(200, prompts=40)
+    train, val, test = split_three(df, seed=3, by_prompt=by_prompt, val_fraction=0.2, test_fraction=0.2)
+    assert not ids(train) & ids(val) and not ids(train) & ids(test) and not ids(val) & ids(test)
+    assert ids(train) | ids(val) | ids(test) == ids(df)
+    assert len(test) > 0 and len(train) > len(val)
+    assert ids(val) == ids(split_frame(df, seed=3, by_prompt=by_prompt)[1])  # same seed, same val
+    if by_prompt:
+        parts = [set(p["prompt"]) for p in (train, val, test)]
+        assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+        assert len(parts[2]) == 8  # 20 % of the 40 prompts
+    else:
+        assert len(test) == 40
+    again = split_three(df, seed=3, by_prompt=by_prompt, val_fraction=0.2, test_fraction=0.2)
+    assert all(ids(a) == ids(b) for a, b in zip(again, (train, val, test)))
+
+
+def test_without_a_test_fraction_the_test_part_is_empty_and_train_unchanged():
+    df = frame()
+    train, val, test = split_three(df, seed=5, test_fraction=0.0)
+    two = split_frame(df, seed=5)
+    assert test.empty and ids(train) == ids(two[0]) and ids(val) == ids(two[1])
+
+
+def test_label_file_split_with_test_rows():
+    df = frame(10, split=["train"] * 6 + ["val"] * 2 + ["test"] * 2)
+    train, val, test = split_three(df)
+    assert (len(train), len(val), len(test)) == (6, 2, 2) and set(test["split"]) == {"test"}
+    two = split_frame(df)  # the two-way split as before: test rows join val
+    assert len(two[1]) == 4
+    only_test = frame(10, split=["train"] * 8 + ["test"] * 2)  # no val rows: its test rows are the val part
+    assert [len(p) for p in split_three(only_test)] == [8, 2, 0]
+    with pytest.raises(ValueError, match="no split column"):
+        split_three(frame())
+    with pytest.raises(ValueError, match="training part"):
+        split_three(df, seed=1, val_fraction=0.5, test_fraction=0.5)
+
+
+def test_split_table_names_every_row():
+    df = frame(20)
+    parts = split_three(df, seed=1, val_fraction=0.2, test_fraction=0.3)
+    table = split_table(*parts)
+    assert len(table) == 20 and table["image_id"].is_unique
+    assert table["split"].value_counts().to_dict() == {"train": 10, "test": 6, "val": 4}
