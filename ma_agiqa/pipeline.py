@@ -25,7 +25,9 @@ import pyarrow.compute as pc
 
 from .errors import DEFAULT_MAX_PIXELS, ImageError, error_kind
 from .schema import STATUS_ERROR, STATUS_OK, feature_column, gate_column, score_schema
-from .storage import DEFAULT_MAX_BYTES, Fetcher, redact_text, resolve_image_uri, stable_id, write_part_atomically
+from .storage import (
+    DEFAULT_MAX_BYTES, REMOTE_SCHEMES, Fetcher, redact_text, resolve_image_uri, scheme_of, stable_id, write_part_atomically,
+)
 
 # Columns the steps add for each other; none reaches the score table.
 PIXELS = "_quality_pixels"
@@ -107,11 +109,22 @@ class FetchDecode:
         self.fetcher = Fetcher(spec.max_bytes)
         self.decoding = self.pool = None  # made in the worker: locks and threads do not travel to it
 
+    def _where(self, uri):
+        """(the URI to fetch, None) or (None, the row's error): what needs no I/O, or for a local file one
+        stat, is settled in the calling thread; a missing file costs microseconds, not a thread hand-off."""
+        try:
+            full = resolve_image_uri(uri, self.spec.image_root, self.spec.allow_outside_root)
+            if scheme_of(full) not in REMOTE_SCHEMES:
+                self.fetcher.check_local(full)
+            return full, None
+        except ImageError as e:
+            return None, f"{e.kind}: {e.message}"
+
     def _one(self, uri):
         from .images import decode_image, quality_pixels, resize_for_semantic
 
         try:
-            data = self.fetcher.fetch(resolve_image_uri(uri, self.spec.image_root, self.spec.allow_outside_root))
+            data = self.fetcher.fetch(uri)
             with self.decoding:
                 img = decode_image(data, self.spec.max_pixels)
                 del data
@@ -135,7 +148,9 @@ class FetchDecode:
 
             self.decoding = threading.BoundedSemaphore(self.spec.decode_slots)
             self.pool = ThreadPoolExecutor(max_workers=self.spec.fetch_threads)
-        results = list(self.pool.map(self._one, table["uri"].to_pylist()))
+        where = [self._where(u) for u in table["uri"].to_pylist()]
+        fetched = iter(self.pool.map(self._one, [full for full, _ in where if full is not None]))
+        results = [next(fetched) if full is not None else (None, error) for full, error in where]
         ok = [r is not None for r, _ in results]
         table = table.append_column("status", pa.array([STATUS_OK if o else STATUS_ERROR for o in ok]))
         table = table.append_column("error", pa.array([e for _, e in results], pa.string()))
@@ -240,6 +255,7 @@ class ScoreRows:
         self.device = _device(num_gpus)
         self.model = create_model(spec.model, device=self.device, with_semantic=False)
         self.schema = spec.output_schema()
+        self.model_id = self.model.model_id  # once: working it out hashes the weights
         self.views_shape = (-1, 3, spec.views.size, spec.views.size)
 
     def _score(self, table: pa.Table, rows: np.ndarray):
@@ -295,7 +311,7 @@ class ScoreRows:
         now = datetime.now(timezone.utc)
         columns.update(
             status=table["status"], error=table["error"], width=table["width"], height=table["height"],
-            model=pa.array([self.model.model_id] * n, pa.string()),
+            model=pa.array([self.model_id] * n, pa.string()),
             scored_at=pa.array([now] * n, pa.timestamp("us", tz="UTC")),
         )
         for name in self.spec.keep_columns:

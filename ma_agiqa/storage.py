@@ -5,6 +5,7 @@ AWS_ENDPOINT_URL for S3-compatible stores, gcloud's application default credenti
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -84,11 +85,23 @@ def resolve_image_uri(uri, image_root: str | None, allow_outside_root: bool = Fa
         if not _under(full, _key(image_root)):
             raise ImageError("escapes_root", f"{redact(uri)!r} resolves outside the image root")
         return f"{root_scheme}://{full}"
-    root_path = os.path.realpath(image_root.split("://", 1)[1] if root_scheme else image_root)
-    full = os.path.realpath(os.path.join(root_path, path))  # symlinks followed
+    root_path = _real_dir(image_root.split("://", 1)[1] if root_scheme else image_root)
+    full = os.path.normpath(os.path.join(root_path, path))
+    if _under(full, root_path):  # then follow symlinks: the directory's (cached), then the file's own
+        parent, name = os.path.split(full)
+        full = os.path.join(_real_dir(parent), name)
+        if os.path.islink(full):
+            full = os.path.realpath(full)
     if not _under(full, root_path):
         raise ImageError("escapes_root", f"{redact(uri)!r} resolves outside the image root")
     return full
+
+
+@functools.lru_cache(maxsize=65536)
+def _real_dir(path: str) -> str:
+    """A directory's real path. Cached: a manifest's rows share few directories, and realpath costs a
+    system call per path component."""
+    return os.path.realpath(path)
 
 
 def _key(uri: str) -> str:
@@ -124,6 +137,19 @@ class Fetcher:
         if scheme not in self._fs:
             self._fs[scheme] = fsspec.filesystem("file" if scheme in LOCAL_SCHEMES else scheme)
         return self._fs[scheme]
+
+    def check_local(self, path: str) -> None:
+        """A local file's existence and size, from one stat: the errors ``fetch`` would raise, sooner."""
+        try:
+            size = os.stat(path.split("://", 1)[1] if "://" in path else path).st_size
+        except FileNotFoundError:
+            raise ImageError("missing", f"no such object: {redact(path)}") from None
+        except NotADirectoryError:
+            raise ImageError("missing", f"no such object: {redact(path)}") from None
+        except PermissionError as e:
+            raise ImageError("fetch", f"permission denied: {redact(path)} ({type(e).__name__})") from None
+        if size > self.max_bytes:
+            raise ImageError("too_large", f"{redact(path)} is {size} bytes, over the limit of {self.max_bytes} (--max-bytes)")
 
     def fetch(self, uri: str) -> bytes:
         fs = self._filesystem(uri)
