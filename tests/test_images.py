@@ -76,8 +76,8 @@ def test_bad_bytes_give_a_typed_error(data, kind):
     assert err.value.kind == kind
 
 
-def test_truncated_real_image(agiqa_dir):
-    data = (agiqa_dir / "images" / "AttnGAN_normal_001.jpg").read_bytes()
+def test_truncated_real_image(agiqa_sample):
+    data = (agiqa_sample / "images" / "AttnGAN_normal_001.jpg").read_bytes()
     with pytest.raises(ImageError) as err:
         decode_image(data[: len(data) // 2])
     assert err.value.kind == "truncated"

