@@ -1,13 +1,19 @@
 """Evaluate a checkpoint on a labelled dataset: SRCC, PLCC, KRCC, RMSE, n, overall and per generator.
 
     python -m jobs.evaluate --model DIR --dataset agiqa3k --data-root DIR [--split val|test|train|all]
-        [--labels CSV] [--output metrics.json]
+        [--split-file CSV] [--labels CSV] [--output metrics.json]
+
+A training run's own parts: --split-file RUN/split.csv (jobs.train writes it) with --split test scores the
+images that played no part in training or in choosing its epoch. Without --split-file the label file's
+split column is read; where it has no test rows, val and test are both its val rows.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+import pandas as pd
 
 
 def parse_args(argv=None):
@@ -19,6 +25,8 @@ def parse_args(argv=None):
     p.add_argument("--labels", default=None)
     p.add_argument("--target", default="quality", help="quality; agiqa3k: or align; aigciqa2023: or authenticity, correspondence")
     p.add_argument("--split", default="val", choices=["train", "val", "test", "all"])
+    p.add_argument("--split-file", default=None,
+                   help="CSV with image_id,split (a jobs.train run's split.csv) instead of the label file's split")
     p.add_argument("--output", default=None, help="where to write the JSON (default: print only)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--address", default=None)
@@ -32,12 +40,20 @@ def evaluate(args) -> dict:
     from ma_agiqa.training import predict, prepare
 
     df = load_dataset(args.dataset, args.data_root, args.labels, args.target)
+    if args.split_file:
+        parts = pd.read_csv(args.split_file, dtype={"image_id": str})[["image_id", "split"]]
+        df = df.drop(columns="split").merge(parts, on="image_id", how="inner")
     if args.split != "all":
-        df = df[df["split"].isin(["val", "test"] if args.split in ("val", "test") else [args.split])].reset_index(drop=True)
+        three_way = (df["split"] == "val").any() and (df["split"] == "test").any()
+        wanted = [args.split] if three_way or args.split == "train" else ["val", "test"]
+        df = df[df["split"].isin(wanted)].reset_index(drop=True)
+        if df.empty:
+            raise SystemExit(f"no {args.split} rows in the split")
     model = create_model(args.model, with_semantic=False)
     inputs, _ = prepare(model, args.model, df, args.cache_dir, args.address)
     pred = predict(model, inputs)
-    out = {"model": model.model_id, "dataset": args.dataset, "split": args.split, **iqa_metrics(pred, df["mos"].to_numpy())}
+    out = {"model": model.model_id, "dataset": args.dataset, "split": args.split, "split_file": args.split_file,
+           **iqa_metrics(pred, df["mos"].to_numpy())}
     out["per_generator"] = {
         g: iqa_metrics(pred[idx], df["mos"].to_numpy()[idx])
         for g, idx in df.groupby("generator").indices.items()

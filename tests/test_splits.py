@@ -1,5 +1,6 @@
 """Train / val / test splits: val chooses the epoch, test reports; the reference's 70/10/20 procedure by name."""
 import random
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -82,3 +83,35 @@ def test_split_table_names_every_row():
     table = split_table(*parts)
     assert len(table) == 20 and table["image_id"].is_unique
     assert table["split"].value_counts().to_dict() == {"train": 10, "test": 6, "val": 4}
+
+
+# -- jobs.evaluate on a run's own parts ---------------------------------------------------------------------
+SAMPLE_IMAGES = sorted((Path(__file__).resolve().parents[1] / "samples" / "agiqa3k" / "images").glob("*.jpg"))
+
+
+@pytest.fixture
+def small_dataset(tmp_path):
+    """12 real AGIQA-3K images in the dataset's layout, with a label file split train/val only."""
+    names = [p.name for p in SAMPLE_IMAGES[:12]]
+    (tmp_path / "images").mkdir()
+    for n in names:
+        (tmp_path / "images" / n).symlink_to(SAMPLE_IMAGES[0].parent / n)
+    pd.DataFrame({"name": names, "prompt": ["a photo"] * 12, "mos_quality": np.linspace(0, 4, 12),
+                  "mos_align": 1.0, "split": ["train"] * 8 + ["val"] * 4}).to_csv(tmp_path / "labels.csv", index=False)
+    return tmp_path, [n.rsplit(".", 1)[0] for n in names]
+
+
+def test_evaluate_scores_the_split_files_test_part(small_dataset, tmp_path):
+    from jobs import evaluate
+
+    root, image_ids = small_dataset
+    split = pd.DataFrame({"image_id": image_ids, "split": ["train"] * 6 + ["val"] * 3 + ["test"] * 3})
+    split.to_csv(tmp_path / "split.csv", index=False)
+    common = ["--model", "ma-agiqa-offline-quality", "--data-root", str(root), "--cache-dir", str(tmp_path / "cache")]
+    test = evaluate.evaluate(evaluate.parse_args(common + ["--split", "test", "--split-file", str(tmp_path / "split.csv")]))
+    assert test["n"] == 3 and set(test["predictions"]) == set(image_ids[9:])
+    val = evaluate.evaluate(evaluate.parse_args(common + ["--split", "val", "--split-file", str(tmp_path / "split.csv")]))
+    assert set(val["predictions"]) == set(image_ids[6:9])
+    # the label file alone has no test rows: val and test both mean its val rows, as before
+    labels = evaluate.evaluate(evaluate.parse_args(common + ["--split", "test"]))
+    assert set(labels["predictions"]) == set(image_ids[8:])
