@@ -1,8 +1,8 @@
 """Train MA-AGIQA's trainable parts on a labelled dataset; the frozen parts are computed once and cached.
 
     python -m jobs.train --dataset agiqa3k --data-root DIR --model CONFIG_OR_DIR --output DIR
-        [--split-file F | --split-seed S [--split-by-prompt]] [--epochs N] [--repeats K] [--address ADDR]
-        [--workers N [--gpu]]
+        [--split-file F | --split-seed S [--split-by-prompt]] [--epochs N] [--drop-prompt P] [--repeats K]
+        [--address ADDR] [--workers N [--gpu]]
 
 Writes a checkpoint directory (loadable by from_pretrained and by jobs.score --model DIR), metrics.json
 (per-epoch train/val SRCC, PLCC, loss) and the config used. With --repeats K: K seeded random splits, each
@@ -20,6 +20,13 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
 
 
 def parse_args(argv=None):
@@ -45,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--backbone", choices=["config", "frozen", "trainable"], default="config",
                    help="freeze the quality backbone or train it (registered configs; default: as the config says)")
     p.add_argument("--backbone-lr", type=float, default=None, help="learning rate of a trainable backbone (default: --lr)")
+    p.add_argument("--drop-prompt", type=_fraction, default=None,
+                   help="expert dropout: the fraction of training images whose prompt expert is marked absent, so "
+                        "images scored without a prompt stay on the MOS scale (models with a prompt expert; "
+                        "default: the config's, 0.25 for registered configs)")
     p.add_argument("--limit", type=int, default=None, help="use the first N rows of each split (smoke runs)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/ma_agiqa/features)")
@@ -95,6 +106,7 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
     t.scheduler = args.scheduler or t.scheduler
     t.t_max = args.t_max or t.t_max
     t.normalize_mos = t.normalize_mos if args.normalize_mos is None else args.normalize_mos
+    t.drop_prompt = t.drop_prompt if args.drop_prompt is None else args.drop_prompt
     train_in, stats_train = prepare(model, args.model, train_df, args.cache_dir, args.address)
     val_in, stats_val = prepare(model, args.model, val_df, args.cache_dir, args.address)
     if args.workers > 1:

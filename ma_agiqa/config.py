@@ -212,6 +212,14 @@ class TrainConfig:
     aug_p: float = 0.7
     seed: int = 20
     backbone_lr: float | None = None  # a trainable backbone's rate (None: lr), lower for pretrained weights
+    # Expert dropout: the fraction of training images whose prompt expert is marked absent (the MoE's
+    # ``present`` mask, as for an image scored without a prompt), so the head learns to score from the
+    # other experts alone on the same scale. Used only by models with a prompt expert.
+    drop_prompt: float = 0.25
+
+    def __post_init__(self):
+        if not 0.0 <= self.drop_prompt < 1.0:
+            raise ValueError(f"drop_prompt must be in [0, 1), got {self.drop_prompt}")
 
 
 @dataclass
@@ -266,7 +274,8 @@ class ModelConfig:
             moe=MoEConfig(**d["moe"]),
             semantic=SemanticConfig.from_dict(d["semantic"]) if d.get("semantic") else None,
             prompt=PromptConfig(**d["prompt"]) if d.get("prompt") else None,
-            train=TrainConfig(**d.get("train", {})),
+            # a checkpoint saved before expert dropout existed was trained without it
+            train=TrainConfig(**{"drop_prompt": 0.0, **d.get("train", {})}),
             mos_mean=d.get("mos_mean", 0.0),
             mos_std=d.get("mos_std", 1.0),
         )

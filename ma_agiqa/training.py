@@ -156,8 +156,9 @@ def prepare(model, model_ref: str, df: pd.DataFrame, root: Path | None = None, a
     return inputs, stats
 
 
-def forward_rows(model, inputs: Inputs, idx: np.ndarray, train: bool = False, generator=None):
-    """(MOS predictions [b], gates [b, E]) for rows ``idx``; augmented when training."""
+def forward_rows(model, inputs: Inputs, idx: np.ndarray, train: bool = False, generator=None, drop_prompt=None):
+    """(MOS predictions [b], gates [b, E]) for rows ``idx``; augmented when training. ``drop_prompt`` ([b]
+    bool) marks rows whose prompt expert is treated as absent, as for an image scored without a prompt."""
     views = model.cfg.quality.views
     device = next(model.quality.parameters()).device
     if inputs.backbone is not None:
@@ -174,7 +175,10 @@ def forward_rows(model, inputs: Inputs, idx: np.ndarray, train: bool = False, ge
     emb = present = None
     if inputs.prompt is not None:
         emb = torch.from_numpy(inputs.prompt[idx]).to(device)
-        present = torch.from_numpy(inputs.prompt_present[idx]).to(device)
+        present = torch.from_numpy(inputs.prompt_present[idx])
+        if drop_prompt is not None:
+            present = present & ~torch.as_tensor(drop_prompt, dtype=torch.bool)
+        present = present.to(device)
     return model(semantic=semantic, prompt_embedding=emb, prompt_present=present, **kwargs)
 
 
@@ -186,8 +190,18 @@ def predict(model, inputs: Inputs, batch_size: int = 64) -> np.ndarray:
     return np.concatenate([forward_rows(model, inputs, np.arange(i, min(n, i + batch_size)))[0].cpu().numpy() for i in range(0, n, batch_size)])
 
 
+def prompt_dropout(n: int, fraction: float, generator: torch.Generator) -> np.ndarray:
+    """[n] bool: the rows of a batch whose prompt expert training marks absent (each with probability
+    ``fraction``)."""
+    return (torch.rand(n, generator=generator) < fraction).numpy()
+
+
 def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, world: int = 1) -> dict:
     """Trains the trainable parts of ``model`` in place; keeps the epoch with the best val SRCC + PLCC.
+
+    Expert dropout: with a prompt expert, each training image's prompt is marked absent with probability
+    ``cfg.train.drop_prompt`` (the same ``present`` mask as an image scored without a prompt), so that the
+    head also learns to score from the other experts alone, on the same scale. Validation keeps the prompts.
 
     Data parallel when ``world`` > 1 (under torch.distributed, as Ray Train's TorchTrainer sets it up): every
     worker draws the same batches, computes its share of each (rows rank, rank + world, ...) and the
@@ -199,6 +213,12 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
     # One process draws batches and augmentations from one stream (so its runs reproduce the recorded ones);
     # workers share the batch order and augment their own rows from their own streams.
     aug_gen = gen if world == 1 else torch.Generator().manual_seed(t.seed + 1 + rank)
+    # Prompt dropout draws from a stream of its own, for whole batches, so every worker marks the same rows
+    # and runs without it draw exactly as before.
+    drop = getattr(t, "drop_prompt", 0.0) if train_in.prompt is not None else 0.0
+    if not 0.0 <= drop < 1.0:
+        raise ValueError(f"drop_prompt must be in [0, 1), got {drop}")
+    drop_gen = torch.Generator().manual_seed(t.seed + 1_000_003)
     if t.normalize_mos:
         model.cfg.mos_mean, model.cfg.mos_std = float(train_in.mos.mean()), float(train_in.mos.std())
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("semantic.", "prompt_encoder."))]
@@ -222,10 +242,11 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
         for i in range(0, len(order), t.batch_size):
             batch = order[i : i + t.batch_size]
             idx = batch[rank::world]
+            dropped = prompt_dropout(len(batch), drop, drop_gen)[rank::world] if drop > 0 else None
             opt.zero_grad()
             batch_loss = 0.0  # this worker's share of the batch's mean loss
             if len(idx):
-                pred, _ = forward_rows(model, train_in, idx, train=True, generator=aug_gen)
+                pred, _ = forward_rows(model, train_in, idx, train=True, generator=aug_gen, drop_prompt=dropped)
                 train_pred[idx] = pred.detach().cpu().numpy()
                 loss = torch.sum(((pred - mos[idx]) / model.cfg.mos_std) ** 2) / len(batch)
                 loss.backward()
