@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from ma_agiqa.checkpoint import load_config, model_id
+from ma_agiqa.checkpoint import is_trained, load_config, model_id, untrained_message
 from ma_agiqa.errors import DEFAULT_MAX_PIXELS
 from ma_agiqa.pipeline import (
     AssignIds,
@@ -52,7 +52,10 @@ SUMMARY_FILE = "_summary.json"
 
 def add_scoring_args(p: argparse.ArgumentParser) -> None:
     """The options of a scoring run besides its manifest and output (shared with jobs.curate)."""
-    p.add_argument("--model", default="tiny-random", help="a registered model name or a checkpoint directory")
+    p.add_argument("--model", default="tiny-random",
+                   help="a registered model name, or a checkpoint directory (local, or on object storage: s3://bucket/ckpt/)")
+    p.add_argument("--allow-untrained", action="store_true",
+                   help="score with heads that were never trained (random weights: tests and smoke runs)")
     p.add_argument("--image-root", default=None, help="URI that relative manifest uris are resolved against; every uri must lie inside it")
     p.add_argument("--allow-outside-root", action="store_true", help="with --image-root, accept absolute uris outside it")
     p.add_argument("--address", default=None, help="Ray address; default RAY_ADDRESS, else a local Ray")
@@ -420,6 +423,8 @@ def run(args) -> dict:
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
     spec, manifest = plan(args)
+    if not args.allow_untrained and not is_trained(args.model):  # scores of random heads mean nothing
+        raise JobConfigError(untrained_message(args.model))
     init_ray(args.address, args.s3_endpoint)
     started = time.time()  # the summary's images/s count from here: Ray up
 

@@ -185,6 +185,7 @@ def fetch_checkpoint(uri: str) -> Path:
     from .hub import cache_dir
 
     fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
+    fs.invalidate_cache(root)  # a filesystem instance is shared: ask the store, not an earlier listing
     try:
         info = fs.info(f"{root}/{WEIGHTS_FILE}")
     except FileNotFoundError:

@@ -99,6 +99,7 @@ def ma_agiqa_qwen2_vl() -> ModelConfig:
         "ma-agiqa-qwen2-vl",
         _maniqa_vit_b8(),
         semantic=SemanticConfig(model_id="Qwen/Qwen2-VL-2B-Instruct"),
+        **REFERENCE_MOE,
     )
 
 

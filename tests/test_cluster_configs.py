@@ -10,6 +10,7 @@ import yaml
 
 from jobs import curate, score
 from ma_agiqa import list_models
+from ma_agiqa.checkpoint import is_trained
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 
@@ -19,8 +20,17 @@ def check_score_command(command: str):
     i = argv.index("-m")
     assert argv[i + 1] == "jobs.score" and importlib.util.find_spec("jobs.score") is not None
     args = score.parse_args(argv[i + 2 :])  # exits (fails the test) on an unknown flag
-    assert args.model in list_models() or Path(args.model).is_dir()
+    check_model(args)
     return args
+
+
+def check_model(args):
+    """A model with trained heads (a checkpoint URI, or a registered model that ships them); only a smoke run
+    says --allow-untrained."""
+    if args.model.startswith("s3://"):
+        assert args.model.endswith("/") and not args.allow_untrained
+    elif not args.allow_untrained:
+        assert args.model in list_models() and is_trained(args.model)
 
 
 def test_raycluster_has_a_cpu_head_and_gpu_workers():
@@ -53,6 +63,14 @@ def test_aws_launcher_yaml_is_valid_for_ray():
     assert any("pip install" in c for c in config["setup_commands"])
 
 
+def test_the_image_installs_what_the_shipped_model_needs():
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert 'pip install --no-cache-dir -e ".[offline]"' in dockerfile
+    assert is_trained("ma-agiqa-offline")
+    for name in ("ma-agiqa-paper", "ma-agiqa-small", "ma-agiqa-qwen2-vl", "tiny-random"):
+        assert not is_trained(name)
+
+
 def test_runtime_env_ships_the_repository():
     env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
     assert env["working_dir"] == "."
@@ -66,6 +84,7 @@ def test_sample_submit_script_is_valid_bash_and_runs_the_job():
     command = command.replace('"${OUTPUT:-/tmp/ma-agiqa-sample-scores}"', "/tmp/out")
     args = check_score_command(command)
     assert (Path(__file__).resolve().parents[1] / args.manifest).is_file()
+    assert args.model == "tiny-random" and args.allow_untrained  # a smoke run, and it says so
 
 
 def test_curate_cronjob_submits_a_real_curate_command_to_the_raycluster():
@@ -78,7 +97,8 @@ def test_curate_cronjob_submits_a_real_curate_command_to_the_raycluster():
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "jobs.curate"] and importlib.util.find_spec("jobs.curate") is not None
     args = curate.parse_args(argv[3:])  # exits (fails the test) on an unknown flag
-    assert args.model in list_models() and args.per == "prompt" and args.scores.startswith("s3://")
+    check_model(args)
+    assert args.model.startswith("s3://") and args.per == "prompt" and args.scores.startswith("s3://")
 
 
 @pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml", "aws-cluster.yaml", "runtime_env.yaml",
