@@ -1,14 +1,23 @@
 """Train MA-AGIQA's trainable parts on a labelled dataset; the frozen parts are computed once and cached.
 
     python -m jobs.train --dataset agiqa3k --data-root DIR --model CONFIG_OR_DIR --output DIR
-        [--split-file F | --split-seed S [--split-by-prompt]] [--epochs N] [--drop-prompt P] [--repeats K]
-        [--address ADDR] [--workers N [--gpu]]
+        [--split label|random|reference] [--split-file F | --split-seed S [--split-by-prompt]]
+        [--val-fraction F --test-fraction F] [--set quality.FIELD=VALUE ...] [--epochs N] [--drop-prompt P]
+        [--repeats K] [--address ADDR] [--workers N [--gpu]]
+
+Splits: the label file's split column (or --split-file's) by default; --split random (implied by
+--split-seed or --repeats) a seeded one, --test-fraction F holding out a test part; --split reference the
+reference's script's: Python's random seeded with 20 shuffles the rows, 70 % train, 10 % val, 20 % test.
+The val part chooses the epoch (best val SRCC + PLCC); the test part, where there is one, is scored once
+with that epoch's weights and reported as "test" in metrics.json: it played no role in either.
 
 Writes a checkpoint directory (loadable by from_pretrained and by jobs.score --model DIR), metrics.json
-(per-epoch train/val SRCC, PLCC, loss) and the config used. With --repeats K: K seeded random splits, each
-in OUTPUT/repeat-<k>, and the median and spread of the best val metrics in OUTPUT/metrics.json. With
---workers N the same training loop runs data-parallel on N Ray Train workers (TorchTrainer, one GPU each with
---gpu) of the local Ray or the cluster at --address: each step equals the single-process step.
+(per-epoch train/val SRCC, PLCC, loss; the test part's metrics), split.csv (image_id, split: for
+jobs.evaluate --split-file) and the config used. With --repeats K: K seeded random splits, each
+in OUTPUT/repeat-<k>, and the median and spread of the best val metrics (and of the test part's) in
+OUTPUT/metrics.json. With --workers N the same training loop runs data-parallel on N Ray Train workers
+(TorchTrainer, one GPU each with --gpu) of the local Ray or the cluster at --address: each step equals the
+single-process step.
 """
 from __future__ import annotations
 
@@ -38,6 +47,18 @@ def parse_args(argv=None):
     p.add_argument("--target", default="quality", help="quality; agiqa3k: or align; aigciqa2023: or authenticity, correspondence")
     p.add_argument("--model", required=True, help="a registered config or a checkpoint directory to fine-tune")
     p.add_argument("--output", required=True)
+    p.add_argument("--split", choices=["label", "random", "reference"], default=None,
+                   help="label: the label file's (or --split-file's) split column; random: seeded (--split-seed, "
+                        "--val-fraction, --test-fraction); reference: MA-AGIQA's random.seed(20) 70/10/20 train / val "
+                        "/ test (with --split-seed S, seeded with S). Default: random with --split-seed or --repeats, "
+                        "else label")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="random splits: the val part's fraction")
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="random splits: hold out this fraction as a test part, reported after training (0: no test "
+                        "part; val both chooses the epoch and reports)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change a field of a registered config's quality branch or MoE before training, e.g. "
+                        "quality.stage_conv=true, quality.views.antialias=false, moe.gate=linear (values as JSON)")
     p.add_argument("--split-file", default=None, help="CSV with image_id,split columns")
     p.add_argument("--split-seed", type=int, default=None, help="seeded random split instead of the label file's")
     p.add_argument("--split-by-prompt", action="store_true", help="no prompt on both sides of the split")
@@ -67,15 +88,69 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def splits(args, df: pd.DataFrame, repeat: int):
-    from ma_agiqa.datasets import split_frame
-
+def split_scheme(args) -> str:
+    if args.split is not None:
+        return args.split
     if args.split_file:
-        s = pd.read_csv(args.split_file)[["image_id", "split"]]
+        return "label"
+    return "random" if args.split_seed is not None or args.repeats > 1 else "label"
+
+
+def splits(args, df: pd.DataFrame, repeat: int):
+    """(train, val, test); test is empty where the split has no test part."""
+    from ma_agiqa.datasets import REFERENCE_SPLIT_SEED, reference_split, split_three
+
+    scheme = split_scheme(args)
+    if args.test_fraction and scheme != "random":
+        raise SystemExit("--test-fraction applies to --split random (the reference split has its own 20 % test)")
+    if args.split_file:
+        s = pd.read_csv(args.split_file, dtype={"image_id": str})[["image_id", "split"]]
         df = df.drop(columns="split").merge(s, on="image_id", how="inner")
-        return split_frame(df)
-    seed = None if args.split_seed is None and args.repeats == 1 else (args.split_seed or 0) + repeat
-    return split_frame(df, seed=seed, by_prompt=args.split_by_prompt)
+    if scheme == "reference":
+        return reference_split(df, (REFERENCE_SPLIT_SEED if args.split_seed is None else args.split_seed) + repeat)
+    if scheme == "label":
+        return split_three(df)
+    return split_three(df, (args.split_seed or 0) + repeat, args.split_by_prompt, args.val_fraction, args.test_fraction)
+
+
+def _set_field(obj, path: list[str], value, full: str):
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
+    if path[0] not in names:
+        raise SystemExit(f"--set {full}: {type(obj).__name__} has no field {path[0]!r}")
+    current = getattr(obj, path[0])
+    if len(path) > 1:
+        value = _set_field(current, path[1:], value, full)
+    elif isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    return dataclasses.replace(obj, **{path[0]: value})
+
+
+def config_overrides(args) -> dict:
+    """The quality and MoE configs that --backbone and --set change, as create_model overrides."""
+    import dataclasses
+    import json as _json
+
+    if args.backbone == "config" and not args.set:
+        return {}
+    from ma_agiqa.checkpoint import load_config
+
+    cfg = load_config(args.model)
+    parts = {"quality": cfg.quality, "moe": cfg.moe}
+    if args.backbone != "config":
+        parts["quality"] = dataclasses.replace(parts["quality"], freeze_backbone=args.backbone == "frozen")
+    for item in args.set:
+        path, eq, text = item.partition("=")
+        if not eq or path.split(".")[0] not in parts or "." not in path:
+            raise SystemExit(f"--set {item!r}: expected quality.FIELD=VALUE or moe.FIELD=VALUE")
+        try:
+            value = _json.loads(text)
+        except ValueError:
+            value = text
+        top, *rest = path.split(".")
+        parts[top] = _set_field(parts[top], rest, value, item)
+    return {k: v for k, v in parts.items() if v is not getattr(cfg, k)}
 
 
 def train_once(args, df, output: Path, repeat: int = 0) -> dict:
@@ -84,19 +159,12 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
     from ma_agiqa import create_model
     from ma_agiqa.training import prepare, train
 
-    train_df, val_df = splits(args, df, repeat)
+    train_df, val_df, test_df = splits(args, df, repeat)
     if args.limit:
-        train_df, val_df = train_df.head(args.limit), val_df.head(args.limit)
+        train_df, val_df, test_df = train_df.head(args.limit), val_df.head(args.limit), test_df.head(args.limit)
     torch.manual_seed(0)
     # A registered name trains from scratch, even where trained heads ship with it; a directory fine-tunes.
-    overrides = {}
-    if args.backbone != "config":
-        import dataclasses
-
-        from ma_agiqa.checkpoint import load_config
-
-        quality = load_config(args.model).quality
-        overrides["quality"] = dataclasses.replace(quality, freeze_backbone=args.backbone == "frozen")
+    overrides = config_overrides(args)
     model = create_model(args.model, with_semantic=False, shipped=False, **overrides)
     t = model.cfg.train
     t.backbone_lr = args.backbone_lr or t.backbone_lr
@@ -109,6 +177,7 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
     t.drop_prompt = t.drop_prompt if args.drop_prompt is None else args.drop_prompt
     train_in, stats_train = prepare(model, args.model, train_df, args.cache_dir, args.address)
     val_in, stats_val = prepare(model, args.model, val_df, args.cache_dir, args.address)
+    test_in, stats_test = prepare(model, args.model, test_df, args.cache_dir, args.address) if len(test_df) else (None, {})
     if args.workers > 1:
         import ray
 
@@ -126,9 +195,20 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
         result = train(model, train_in, val_in)
         model.save_pretrained(output)
         checkpoint = model.model_id
+    test = None
+    if test_in is not None:  # scored once, with the weights of the epoch that val chose
+        from ma_agiqa.metrics import iqa_metrics
+        from ma_agiqa.training import predict
+
+        scorer = model if args.workers == 1 else create_model(str(output), with_semantic=False)
+        test = {**iqa_metrics(predict(scorer, test_in), test_in.mos), "epoch": result["best_epoch"]}
+    from ma_agiqa.datasets import split_table
+
+    split_table(train_df, val_df, test_df).to_csv(output / "split.csv", index=False)
     metrics = {
         "dataset": args.dataset, "model": args.model, "checkpoint": checkpoint, "workers": args.workers,
-        "n_train": len(train_df), "n_val": len(val_df), "cache": {"train": stats_train, "val": stats_val}, **result,
+        "split": split_scheme(args), "n_train": len(train_df), "n_val": len(val_df), "n_test": len(test_df),
+        "test": test, "cache": {"train": stats_train, "val": stats_val, "test": stats_test}, **result,
     }
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (output / "train_config.json").write_text(json.dumps({**vars(args), "train": vars(t)}, indent=2, default=str) + "\n")
@@ -143,11 +223,15 @@ def main(argv=None) -> int:
     output = Path(args.output)
     if args.repeats == 1:
         m = train_once(args, df, output)
-        print(json.dumps({"best": m["best"], "checkpoint": str(output)}, indent=2))
+        print(json.dumps({"best": m["best"], "test": m["test"], "checkpoint": str(output)}, indent=2))
         return 0
-    runs = [train_once(args, df, output / f"repeat-{k}", k)["best"] for k in range(args.repeats)]
+    runs = []
+    for k in range(args.repeats):
+        m = train_once(args, df, output / f"repeat-{k}", k)
+        runs.append({**m["best"], **{f"test_{key}": v for key, v in (m["test"] or {}).items() if key != "epoch"}})
+    keys = ["val_srcc", "val_plcc"] + (["test_srcc", "test_plcc", "test_krcc", "test_rmse"] if "test_srcc" in runs[0] else [])
     summary = {k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs),
-                   "max": max(r[k] for r in runs)} for k in ("val_srcc", "val_plcc")}
+                   "max": max(r[k] for r in runs)} for k in keys}
     (output / "metrics.json").write_text(json.dumps({"repeats": runs, "summary": summary}, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0

@@ -1,4 +1,5 @@
 """Train / val / test splits: val chooses the epoch, test reports; the reference's 70/10/20 procedure by name."""
+import json
 import random
 from pathlib import Path
 
@@ -115,3 +116,43 @@ def test_evaluate_scores_the_split_files_test_part(small_dataset, tmp_path):
     # the label file alone has no test rows: val and test both mean its val rows, as before
     labels = evaluate.evaluate(evaluate.parse_args(common + ["--split", "test"]))
     assert set(labels["predictions"]) == set(image_ids[8:])
+
+
+# -- jobs.train: the reference split, a test part reported, config fields set -------------------------------
+def test_train_reports_the_reference_splits_test_part(small_dataset, tmp_path):
+    from jobs import evaluate, train
+
+    root, image_ids = small_dataset
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    assert train.main(["--data-root", str(root), "--model", "ma-agiqa-offline-quality", "--output", str(out),
+                       "--split", "reference", "--epochs", "1", "--cache-dir", str(cache),
+                       "--set", "quality.stage_conv=true", "--set", "quality.views.antialias=false",
+                       "--set", "moe.gate=linear"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["split"], metrics["n_train"], metrics["n_val"], metrics["n_test"]) == ("reference", 8, 1, 3)
+    parts = pd.read_csv(out / "split.csv")
+    expected = reference_split(pd.DataFrame({"image_id": image_ids}).assign(split=None))
+    assert {name: set(parts[parts["split"] == name]["image_id"]) for name in ("train", "val", "test")} == {
+        name: ids(p) for name, p in zip(("train", "val", "test"), expected)}
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["quality"]["stage_conv"] is True and saved["quality"]["views"]["antialias"] is False
+    assert saved["moe"]["gate"] == "linear" and saved["quality"]["tab_layout"] == "clean"
+    # the test part, scored again from the checkpoint and the run's split.csv
+    again = evaluate.evaluate(evaluate.parse_args(["--model", str(out), "--data-root", str(root), "--split", "test",
+                                                   "--split-file", str(out / "split.csv"), "--cache-dir", str(cache)]))
+    assert again["n"] == metrics["test"]["n"] == 3
+    assert again["rmse"] == pytest.approx(metrics["test"]["rmse"], rel=1e-5)
+
+
+def test_train_set_rejects_unknown_fields(small_dataset, tmp_path):
+    from jobs import train
+
+    root, _ = small_dataset
+    for bad, message in (("quality.no_such=1", "no field 'no_such'"), ("train.lr=1", "expected quality"),
+                         ("quality.stage_conv", "expected quality")):
+        with pytest.raises(SystemExit, match=message):
+            train.main(["--data-root", str(root), "--model", "ma-agiqa-offline-quality", "--output",
+                        str(tmp_path / "x"), "--set", bad])
+    with pytest.raises(SystemExit, match="--test-fraction applies"):
+        train.main(["--data-root", str(root), "--model", "ma-agiqa-offline-quality", "--output", str(tmp_path / "x"),
+                    "--split", "reference", "--test-fraction", "0.2"])
