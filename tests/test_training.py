@@ -108,7 +108,8 @@ def test_train_cache_evaluate_and_score_agree(local_ray, tmp_path, agiqa_sample,
         return float(torch.mean((pred - torch.from_numpy(inputs.mos[fixed])) ** 2))
 
     before = loss()
-    model.cfg.train.epochs, model.cfg.train.lr, model.cfg.train.batch_size = 1, 1e-3, 4
+    # 1e-4: at 1e-3 six Adam steps overshoot (scores of 8 on a 0-4 scale) since the reference layout (fb43c79)
+    model.cfg.train.epochs, model.cfg.train.lr, model.cfg.train.batch_size = 1, 1e-4, 4
     train_model(model, inputs, inputs, log=lambda _: None)
     assert loss() < before
 
