@@ -20,8 +20,8 @@ from PIL import Image
 from torch import nn
 
 from .config import SemanticConfig
+from .framing import Framing, expand_to_square, fill_colour, fixed_side  # noqa: F401 - expand_to_square re-exported
 from .hub import resolve
-from .images import resize_for_semantic
 
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 
@@ -94,36 +94,13 @@ def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str
 
 def pad_colour(image_processor) -> tuple[int, int, int]:
     """The reference's padding colour: the image processor's mean, as 0-255 integers (truncated, as it does)."""
-    mean = getattr(image_processor, "image_mean", None)
-    if mean is None or len(mean) != 3:
-        raise ValueError(f"{type(image_processor).__name__} states no 3-channel image_mean to pad images with")
-    return tuple(int(x * 255) for x in mean)
-
-
-def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
-    """The image centred on a square of ``fill`` colour, its side the image's longer side (the reference's
-    ``expand2square``); a square image is returned as it is."""
-    w, h = img.size
-    if w == h:
-        return img
-    side = max(w, h)
-    out = Image.new(img.mode, (side, side), fill)
-    out.paste(img, ((side - w) // 2, (side - h) // 2))
-    return out
+    return fill_colour(getattr(image_processor, "image_mean", None))
 
 
 def processor_side(image_processor) -> int | None:
-    """The square side a fixed-size image processor brings a square image to (CLIP's shortest edge and centre
-    crop, SigLIP's height and width); None for a dynamic-resolution processor (Qwen2-VL's pixel budget)."""
-    size = dict(getattr(image_processor, "size", None) or {})
-    crop = dict(getattr(image_processor, "crop_size", None) or {})
-    if getattr(image_processor, "do_center_crop", False) and crop.get("height") and crop.get("height") == crop.get("width"):
-        return int(crop["height"])
-    if size.get("height") and size.get("height") == size.get("width"):
-        return int(size["height"])
-    if size.get("shortest_edge") and not size.get("longest_edge"):
-        return int(size["shortest_edge"])
-    return None
+    """The square side a fixed-size image processor brings a square image to; None for a dynamic-resolution one."""
+    return fixed_side(getattr(image_processor, "size", None), getattr(image_processor, "crop_size", None),
+                      bool(getattr(image_processor, "do_center_crop", False)))
 
 
 class SemanticExtractor(nn.Module):
@@ -157,6 +134,7 @@ class SemanticExtractor(nn.Module):
             )
         self.fill = pad_colour(processor.image_processor)
         self.side = processor_side(processor.image_processor)
+        self.framing = Framing(pad=cfg.framing == "pad", fill=self.fill, side=self.side, max_side=cfg.max_image_side)
         tokenizer = processor.tokenizer
         # Right padding: with causal attention the real tokens never see the pads, so a padded batch gives the same
         # vectors as images one by one.
@@ -209,18 +187,11 @@ class SemanticExtractor(nn.Module):
 
     # -- the image ----------------------------------------------------------------------------------------
     def frame(self, img: Image.Image) -> Image.Image:
-        """An image as the processor gets it. ``pad`` (the reference): centred on a square of the processor's
-        mean colour, then, for a fixed-size processor, resized to its side (so its own resize and centre crop
-        change nothing). ``processor``: as it is, for the processor's own resize (and centre crop)."""
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        img = resize_for_semantic(img, self.cfg.max_image_side)  # as the job's decoding step does
-        if self.cfg.framing != "pad":
-            return img
-        img = expand_to_square(img, self.fill)
-        if self.side is not None and img.size != (self.side, self.side):
-            img = img.resize((self.side, self.side), Image.BICUBIC)
-        return img
+        """An image as the processor gets it (``framing.Framing``). ``pad`` (the reference): centred on a square
+        of the processor's mean colour, then, for a fixed-size processor, resized to its side (so its own resize
+        and centre crop change nothing). ``processor``: as it is, for the processor's own resize and crop. An
+        image the job's decoding step framed already passes unchanged."""
+        return self.framing(img)
 
     def encode_images(self, images: list[Image.Image]) -> tuple[dict, list[str]]:
         """The image processor's tensors for a batch, once, and each image's placeholder as the text must hold

@@ -228,3 +228,41 @@ def test_options_are_checked():
         SemanticConfig(model_id="x", framing="crop")
     legacy = SemanticConfig.from_dict({"model_id": "x", "hidden_size": 4096})  # a checkpoint saved before
     assert dataclasses.asdict(legacy)["model_id"] == "x" and "hidden_size" not in dataclasses.asdict(legacy)
+
+
+# -- framing in the job's decoding step -----------------------------------------------------------------------
+def test_the_decoding_step_can_frame_images_without_the_model(family, agiqa_images):
+    """Framing.of reads the processor's settings from its files (no model, no torch): images framed so reach
+    the MLLM's actors at the processor's size and give the same vectors."""
+    from ma_agiqa.framing import Framing
+
+    ex = extractor(family)
+    framing = Framing.of(ex.cfg)
+    assert framing == ex.framing
+    images = [agiqa_images[1].resize((300, 120)), agiqa_images[2]]
+    framed = [framing(im) for im in images]
+    assert all(ex.frame(f) is f for f in framed)  # already framed: passed as they are
+    if ex.side is not None:
+        assert all(f.size == (ex.side, ex.side) for f in framed)
+    direct, pre = ex(images), ex(framed)
+    for key in direct:
+        torch.testing.assert_close(direct[key], pre[key])
+
+
+def test_framing_reads_the_processor_settings_of_a_checkpoint_without_torch(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from ma_agiqa import create_model
+
+    create_model("tiny-random", with_semantic=False).save_pretrained(tmp_path / "ckpt")
+    code = (
+        "import json, sys\n"
+        "from ma_agiqa.checkpoint import load_config\n"
+        "from ma_agiqa.framing import Framing\n"
+        f"f = Framing.of(load_config({str(tmp_path / 'ckpt')!r}).semantic)\n"
+        "print(json.dumps({'fill': f.fill, 'side': f.side, 'pad': f.pad, 'torch': 'torch' in sys.modules}))\n"
+    )
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert out == {"fill": [122, 116, 104], "side": 32, "pad": True, "torch": False}
