@@ -17,7 +17,9 @@ from ma_agiqa.hub import resolve
 def test_registry_has_the_required_configs():
     assert {"ma-agiqa-paper", "ma-agiqa-small", "ma-agiqa-offline", "tiny-random"} <= set(list_models())
     paper = get_config("ma-agiqa-paper")
-    assert paper.semantic.model_id == "llava-hf/llava-1.5-7b-hf" and paper.semantic.hidden_size == 4096
+    assert paper.semantic.model_id == "llava-hf/llava-1.5-7b-hf"
+    assert [e.dim for e in paper.moe.experts if e.source == "semantic"] == [None, None]  # the MLLM's width, read at build
+    assert paper.semantic.prompt_order == "question-first" and paper.semantic.framing == "pad"  # the reference's
     assert paper.quality.backbone.startswith("vit_base_patch8_224") and paper.quality.layers == (6, 7, 8, 9)
     assert paper.expert_names == ["coherence", "semantic", "quality"] and paper.moe.width == 784
     assert paper.train.lr == 1e-5 and paper.train.batch_size == 8 and paper.train.t_max == 50
