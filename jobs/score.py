@@ -369,10 +369,10 @@ def rows_per_block(n_rows: int, batch_size: int, n_actors: int) -> int:
 
 
 def rows_to_score(manifest: Manifest, spec: JobSpec, batch_size: int, n_actors: int):
-    """(Ray Dataset of the manifest rows this run scores, in blocks of ``rows_per_block`` rows, their count).
-
-    A manifest the driver holds goes to Ray as its blocks (from_blocks: no read or repartition task). A larger
-    one is read again by Ray tasks, a file each, with the same reader."""
+    """(Ray Dataset of the manifest rows this run scores, in blocks of ``rows_per_block`` rows, their count,
+    the block size)."""
+    # A manifest the driver holds goes to Ray as its blocks (from_blocks: no read or repartition task). A
+    # larger one is read again by Ray tasks, a file each, with the same reader.
     import ray.data
 
     n = int(manifest.score.sum())
@@ -382,7 +382,7 @@ def rows_to_score(manifest: Manifest, spec: JobSpec, batch_size: int, n_actors: 
         blocks = [table.slice(i, block) for i in range(0, len(table), block)] or [table]
         # from_blocks, unlike from_arrow, keeps the blocks as they are and reads their metadata here rather
         # than in a remote task per block.
-        return ray.data.from_blocks(blocks), n
+        return ray.data.from_blocks(blocks), n, block
     skip = manifest.skipped_by_file()
     files = [{"index": i, "file": f} for i, (f, rows) in enumerate(zip(manifest.files, manifest.file_rows()))
              if rows and len(skip.get(i, [])) < rows]
@@ -390,7 +390,7 @@ def rows_to_score(manifest: Manifest, spec: JobSpec, batch_size: int, n_actors: 
         ray.data.from_items(files, override_num_blocks=len(files))
         .map_batches(ReadManifestFiles(manifest, spec), batch_size=1, batch_format="pyarrow")
     )
-    return todo.repartition(target_num_rows_per_block=block), n
+    return todo.repartition(target_num_rows_per_block=block), n, block
 
 
 def init_ray(address: str | None, s3_endpoint: str | None = None):
@@ -441,7 +441,7 @@ def run(args) -> dict:
     if scorer:
         done, retried = resume_plan(args.output, scorer, manifest.ids, manifest.score, args.retry_errors)
         manifest.score &= ~done
-    todo, n_todo = rows_to_score(manifest, spec, args.batch_size, layout.actors)
+    todo, n_todo, block = rows_to_score(manifest, spec, args.batch_size, layout.actors)
     summary = {
         "model_stages": "fused" if fused else "separate", "decode": "in the model actors" if decode_in_actors else "tasks",
         "semantic_actors": layout.semantic_actors, "quality_actors": layout.quality_actors, "gpus_per_actor": gpus,
@@ -449,6 +449,7 @@ def run(args) -> dict:
         "manifest": redact(args.manifest), "output": redact(args.output), "model": args.model, "model_id": scorer,
         "manifest_rows": manifest.rows, "repeated_ids": manifest.repeated,
         "already_scored": manifest.rows - manifest.repeated - n_todo, "retried": retried, "to_score": n_todo,
+        "rows_per_block": block, "blocks": -(-n_todo // block),
     }
     if n_todo:
         # Decoding holds at most JobSpec.decode_memory() bytes per process; Ray is told, so it does not
