@@ -109,10 +109,14 @@ def semantic_features(model_ref: str, cfg, df: pd.DataFrame, root: Path, address
         with tempfile.TemporaryDirectory() as tmp:
             manifest = Path(tmp) / "manifest.parquet"
             pq.write_table(pa.table({"id": todo["image_id"].tolist(), "uri": todo["uri"].tolist()}), manifest)
-            argv = ["--manifest", str(manifest), "--output", str(directory), "--model", model_ref, "--keep-features"]
+            # The vectors are the MLLM's, whatever the heads: random heads are fine here.
+            argv = ["--manifest", str(manifest), "--output", str(directory), "--model", model_ref, "--keep-features",
+                    "--allow-untrained", "--max-error-fraction", "1"]
             summary = score.run(score.parse_args(argv + (["--address", address] if address else [])))
             computed = summary["rows"]
-    table = pq.ParquetDataset(sorted(str(p) for p in directory.glob("part-*.parquet"))).read()
+    from .score_table import read_scores
+
+    table = read_scores(str(directory))  # current rows: a retried row supersedes its error row
     index = {i: k for k, i in enumerate(table["image_id"].to_pylist())}
     rows = [index[i] for i in df["image_id"]]
     status = np.array(table["status"].to_pylist())[rows]
