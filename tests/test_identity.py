@@ -144,3 +144,33 @@ def test_a_checkpoint_on_s3_is_fetched_once_per_node(s3_server, tmp_path, monkey
     assert fetch_checkpoint(uri) != local and model_id(uri) == model.model_id
     with pytest.raises(KeyError, match="no checkpoint"):
         model_id("s3://models/nothing-here/")
+
+
+def test_the_job_scores_with_a_checkpoint_on_s3(s3_server, tmp_path):
+    """jobs.score --model s3://...: the driver reads the config and id from the fetched copy, each actor fetches it
+    into its node's cache (here the same machine, so once), and the rows carry the checkpoint's id."""
+    import os
+
+    import boto3
+    import ray
+
+    from helpers import SAMPLE, read_table
+    from jobs import score
+
+    model, ckpt = _trained(tmp_path)
+    s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])
+    s3.create_bucket(Bucket="jobmodels")
+    for f in sorted(ckpt.rglob("*")):
+        if f.is_file():
+            s3.upload_file(str(f), "jobmodels", f"run/{f.relative_to(ckpt)}")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
+        k: os.environ[k] for k in ("MA_AGIQA_CACHE", *s3_server) if k in os.environ}})
+    try:
+        summary = score.run(score.parse_args([
+            "--manifest", str(SAMPLE / "manifest.jsonl"), "--image-root", str(SAMPLE), "--output", str(tmp_path / "o"),
+            "--model", "s3://jobmodels/run/", "--limit", "4", "--batch-size", "4",
+        ]))
+    finally:
+        ray.shutdown()
+    table = read_table(str(tmp_path / "o"))
+    assert summary["ok"] == 4 and set(table["model"].to_pylist()) == {model.model_id}
