@@ -213,9 +213,19 @@ def job_spec(args, schema: pa.Schema) -> JobSpec:
     missing = [c for c in keep if c not in schema.names]
     if missing:
         raise JobConfigError(f"--keep-columns names columns the manifest lacks: {missing} (columns: {', '.join(schema.names)})")
+    framing = None
+    if cfg.semantic is not None:  # images leave decoding at the size the MLLM's processor uses
+        from ma_agiqa.framing import Framing
+
+        try:
+            framing = Framing.of(cfg.semantic)
+        except Exception as e:  # noqa: BLE001 - the actors frame each image themselves, as the library does
+            log.warning(f"the MLLM's image-processor settings could not be read ({type(e).__name__}: {e}); "
+                        "images go to its actors at up to max_image_side")
     spec = JobSpec(
         model=args.model,
         experts=cfg.expert_names,
+        semantic_framing=framing,
         views=cfg.quality.views,
         semantic_prompts={name: cfg.semantic.hidden_size for name in cfg.semantic.prompts} if cfg.semantic else {},
         semantic_max_side=cfg.semantic.max_image_side if cfg.semantic else 1024,

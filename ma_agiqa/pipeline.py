@@ -45,6 +45,7 @@ class JobSpec:
     views: object  # QualityViews of the model
     semantic_prompts: dict[str, int] = field(default_factory=dict)  # prompt name -> hidden width
     semantic_max_side: int = 1024
+    semantic_framing: object = None  # framing.Framing: pad to square and resize to the processor's side
     image_root: str | None = None
     keep_columns: dict[str, pa.DataType] = field(default_factory=dict)
     keep_features: bool = False
@@ -132,7 +133,8 @@ class FetchDecode:
                 pixels = quality_pixels(img, self.spec.views).numpy().tobytes()
                 sem = None
                 if self.spec.semantic_prompts:
-                    small = resize_for_semantic(img, self.spec.semantic_max_side)
+                    framing = self.spec.semantic_framing
+                    small = framing(img) if framing is not None else resize_for_semantic(img, self.spec.semantic_max_side)
                     sem = (np.asarray(small, dtype=np.uint8).tobytes(), small.size[1], small.size[0])
             return (width, height, pixels, sem), None
         except ImageError as e:
