@@ -80,17 +80,19 @@ class AssignIds:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         uris = table["uri"].cast(pa.string()) if "uri" in table.column_names else pa.nulls(len(table), pa.string())
-        rows = table.to_pylist() if uris.null_count else None  # rows without a uri hash their content
-        ids = pa.array(
-            [
-                stable_id(u) if u is not None else stable_id("row:" + json.dumps(rows[i], default=str, sort_keys=True))
-                for i, u in enumerate(uris.to_pylist())
-            ],
-            pa.string(),
-        )
-        if "id" in table.column_names:
-            given = table["id"].cast(pa.string())
-            ids = pc.if_else(pc.is_valid(given), given, ids)
+        given = table["id"].cast(pa.string()) if "id" in table.column_names else pa.nulls(len(table), pa.string())
+        ids = given
+        if given.null_count:  # hash only the rows without an id: a manifest with ids costs no hashing
+            missing = np.flatnonzero(pc.is_null(given).to_numpy(zero_copy_only=False))
+            uri_list = uris.take(pa.array(missing)).to_pylist()
+            hashed = [
+                stable_id(u) if u is not None
+                else stable_id("row:" + json.dumps(table.slice(int(i), 1).to_pylist()[0], default=str, sort_keys=True))
+                for i, u in zip(missing, uri_list)  # rows without a uri hash their content
+            ]
+            filled = np.array(given.to_pylist(), dtype=object)
+            filled[missing] = hashed
+            ids = pa.array(filled.tolist(), pa.string())
         columns = {"image_id": ids, "uri": uris}
         for name, typ in self.spec.keep_columns.items():
             columns[name] = table[name].cast(typ)

@@ -11,8 +11,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from .config import COHERENCE_PROMPT, SEMANTIC_PROMPT
 from .hub import cache_dir
 
@@ -121,6 +119,8 @@ def build_tiny_vlm(path: str | Path, seed: int = 0) -> Path:
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
+    import torch  # here, not at the top: resolving a built model's directory needs no torch
+
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     return _save_atomically(path, [model, processor])
@@ -172,6 +172,8 @@ def build_tiny_qwen2_vl(path: str | Path, seed: int = 0) -> Path:
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
     )
+    import torch  # here, not at the top: resolving a built model's directory needs no torch
+
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
     return _save_atomically(path, [model, processor])
@@ -189,6 +191,8 @@ def build_tiny_sentence_encoder(path: str | Path, seed: int = 0) -> Path:
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
     )
+    import torch  # here, not at the top: resolving a built model's directory needs no torch
+
     torch.manual_seed(seed)
     return _save_atomically(path, [BertModel(config).eval(), tokenizer])
 
