@@ -202,3 +202,14 @@ def test_layouts_leave_room_for_decoding_and_follow_the_cluster(local_ray):
     explicit = layout(["--cpus-per-actor", "1"], {"CPU": 2})  # 2 actors x 1 CPU + 1 for tasks on a 2-CPU Ray
     with pytest.raises(score.JobConfigError, match="do not fit"):
         score.wait_for_cluster(explicit, local=True, timeout_s=1)
+
+
+def test_blocks_hold_thousands_of_rows_but_feed_every_actor():
+    """10 million rows are ~2,500 blocks (tasks per stage), not 625,000 batches of 16; a small manifest still
+    gives each model actor several blocks."""
+    for rows in (10_000_000, 1_000_000, 100_000):
+        block = score.rows_per_block(rows, 16, 4)
+        assert block == score.ROWS_PER_BLOCK == 4096 and -(-rows // block) <= rows // 4000
+    assert score.rows_per_block(40, 16, 2) == 16  # 3 blocks for 2 actors
+    assert score.rows_per_block(10_000, 16, 2) == 1250  # 8 blocks: four per actor
+    assert score.rows_per_block(5, 16, 2) == 16  # never below a model batch
