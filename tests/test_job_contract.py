@@ -28,16 +28,6 @@ from ma_agiqa.storage import Fetcher, read_manifest_file, resolve_image_uri, wri
 EXPERTS = ["coherence", "semantic", "quality"]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"MA_AGIQA_CACHE": os.environ["MA_AGIQA_CACHE"]}})
-    yield
-    ray.shutdown()
-
-
 def run_job(*argv) -> dict:
     return score.run(score.parse_args(["--allow-untrained", *argv]))  # tiny-random's heads are random
 
