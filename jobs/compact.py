@@ -18,12 +18,11 @@ import uuid
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.cli import USER_ERRORS, run_and_report
-from ma_agiqa.schema import CURRENT_ROW_KEY, CURRENT_ROW_ORDER
-from ma_agiqa.score_table import connect
+from ma_agiqa.curation import scan
+from ma_agiqa.score_table import connect, current_rows_sql
 from ma_agiqa.storage import count_rows, part_uris, write_part_atomically
 
 
@@ -38,14 +37,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def current_positions(parts: list[str], memory_limit: str | None = None) -> pa.Table:
     """(_file, _row) of each current row. Only the key and ordering columns are read here; the rows
     themselves are copied by pyarrow, so every column keeps its exact type (float16 features included)."""
-    con = connect(parts, memory_limit)
-    key = ", ".join(CURRENT_ROW_KEY)
-    files = "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in parts) + "]"
-    return con.execute(
-        f"SELECT filename AS _file, file_row_number AS _row "
-        f"FROM read_parquet({files}, union_by_name = true, filename = true, file_row_number = true) "
-        f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {CURRENT_ROW_ORDER}, filename, file_row_number) = 1"
-    ).to_arrow_table()
+    relation = scan(parts, "parquet", row_order=True)
+    sql = current_rows_sql(relation, columns="_file, _row", tiebreak="_file, _row") + " ORDER BY _file, _row"
+    return connect(parts, memory_limit).execute(sql).to_arrow_table()
+
+
+def rows_by_file(keep: pa.Table) -> dict[str, np.ndarray]:
+    """{part: its current rows' positions, ascending}, from positions sorted by file then row."""
+    files = keep["_file"].to_numpy(zero_copy_only=False)
+    rows = keep["_row"].to_numpy()
+    names, starts = np.unique(files, return_index=True)
+    ends = list(starts[1:]) + [len(files)]
+    return {str(name): rows[a:b] for name, a, b in zip(names, starts, ends)}
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -65,7 +68,7 @@ def compact(table_uri: str, target_rows: int = 1_000_000, memory_limit: str | No
     keep = current_positions(parts, memory_limit)
     if len(parts) == 1 and len(keep) == rows_before:
         return {**summary, "parts_after": 1, "rows_after": rows_before, "superseded_removed": 0, "note": "already compact"}
-    by_file = {f: np.sort(keep.filter(pc.equal(keep["_file"], f))["_row"].to_numpy()) for f in pc.unique(keep["_file"]).to_pylist()}
+    by_file = rows_by_file(keep)
     run = uuid.uuid4().hex[:12]
     pending: list[pa.Table] = []
     written, n_pending = [], 0

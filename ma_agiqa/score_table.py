@@ -13,10 +13,12 @@ from .schema import CURRENT_ROW_KEY, CURRENT_ROW_ORDER, STATUS_OK
 from .storage import part_uris
 
 
-def current_rows_sql(relation: str) -> str:
-    """DuckDB SQL for the current rows of ``relation`` (a table, a view or a ``read_parquet(...)`` call)."""
+def current_rows_sql(relation: str, columns: str = "*", tiebreak: str = "") -> str:
+    """DuckDB SQL for the current rows of ``relation`` (a table, a view or a ``read_parquet(...)`` call);
+    ``tiebreak`` orders exact copies (``_file, _row`` where the relation has them)."""
     key = ", ".join(CURRENT_ROW_KEY)
-    return f"SELECT * FROM {relation} QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {CURRENT_ROW_ORDER}) = 1"
+    order = CURRENT_ROW_ORDER + (f", {tiebreak}" if tiebreak else "")
+    return f"SELECT {columns} FROM {relation} QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {order}) = 1"
 
 
 def connect(parts: list[str], memory_limit: str | None = None):
