@@ -142,22 +142,21 @@ class Fetcher:
         """A local file's existence and size, from one stat: the errors ``fetch`` would raise, sooner."""
         try:
             size = os.stat(path.split("://", 1)[1] if "://" in path else path).st_size
-        except FileNotFoundError:
-            raise ImageError("missing", f"no such object: {redact(path)}") from None
-        except NotADirectoryError:
+        except (FileNotFoundError, NotADirectoryError):
             raise ImageError("missing", f"no such object: {redact(path)}") from None
         except PermissionError as e:
             raise ImageError("fetch", f"permission denied: {redact(path)} ({type(e).__name__})") from None
-        if size > self.max_bytes:
-            raise ImageError("too_large", f"{redact(path)} is {size} bytes, over the limit of {self.max_bytes} (--max-bytes)")
+        self._refuse_over_limit(path, size)
+
+    def _refuse_over_limit(self, uri: str, size: int | None) -> None:
+        if size is not None and size > self.max_bytes:
+            raise ImageError("too_large", f"{redact(uri)} is {size} bytes, over the limit of {self.max_bytes} (--max-bytes)")
 
     def fetch(self, uri: str) -> bytes:
         fs = self._filesystem(uri)
         shown = redact(uri)
         try:
-            size = fs.size(uri)
-            if size is not None and size > self.max_bytes:
-                raise ImageError("too_large", f"{shown} is {size} bytes, over the limit of {self.max_bytes} (--max-bytes)")
+            self._refuse_over_limit(uri, fs.size(uri))
             with fs.open(uri, "rb") as f:
                 data = f.read(self.max_bytes + 1)
             if len(data) > self.max_bytes:  # a store that did not know the size in advance
