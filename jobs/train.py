@@ -3,11 +3,14 @@
     python -m jobs.train --dataset agiqa3k --data-root DIR --model CONFIG_OR_DIR --output DIR
         [--split label|random|reference] [--split-file F | --split-seed S [--split-by-prompt]]
         [--val-fraction F --test-fraction F] [--set quality.FIELD=VALUE ...] [--epochs N] [--drop-prompt P]
-        [--repeats K] [--address ADDR] [--workers N [--gpu]]
+        [--repeats K | --test-generator G | --each-generator] [--address ADDR] [--workers N [--gpu]]
 
 Splits: the label file's split column (or --split-file's) by default; --split random (implied by
 --split-seed or --repeats) a seeded one, --test-fraction F holding out a test part; --split reference the
 reference's script's: Python's random seeded with 20 shuffles the rows, 70 % train, 10 % val, 20 % test.
+--test-generator G holds out one generator's images as the test part (val drawn from the others' with
+--val-fraction); --each-generator does that once per generator (leave one generator out), each in
+OUTPUT/generator-<G>, with the table of test metrics by generator in OUTPUT/metrics.json.
 The val part chooses the epoch (best val SRCC + PLCC); the test part, where there is one, is scored once
 with that epoch's weights and reported as "test" in metrics.json: it played no role in either.
 
@@ -18,6 +21,11 @@ in OUTPUT/repeat-<k>, and the median and spread of the best val metrics (and of 
 OUTPUT/metrics.json. With --workers N the same training loop runs data-parallel on N Ray Train workers
 (TorchTrainer, one GPU each with --gpu) of the local Ray or the cluster at --address: each step equals the
 single-process step.
+
+Resumable: each epoch's state is saved in OUTPUT/train_state.pt, and the same command run again (after a kill
+or a time-out) continues from the last finished epoch to the result an uninterrupted run gives; a finished
+run (or repeat) is not trained again. Each epoch's figures are appended to OUTPUT/train.log; on a terminal a
+progress bar shows the epoch, its loss and val SRCC.
 """
 from __future__ import annotations
 
@@ -68,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--scheduler", choices=["cosine-iter", "cosine-epoch"], default=None,
                    help="cosine-iter: the reference's CosineAnnealingLR(T_max) stepped per iteration")
     p.add_argument("--t-max", type=int, default=None)
+    p.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear warm-up of the rates over this many epochs before the cosine (cosine-epoch)")
     p.add_argument("--normalize-mos", action=argparse.BooleanOptionalAction, default=None,
                    help="train on (mos - mean) / std of the training split (--no-normalize-mos: raw MOS)")
     p.add_argument("--backbone", choices=["config", "frozen", "trainable"], default="config",
@@ -79,6 +89,12 @@ def parse_args(argv=None):
                         "default: the config's, 0.25 for registered configs)")
     p.add_argument("--limit", type=int, default=None, help="use the first N rows of each split (smoke runs)")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--test-generator", default=None,
+                   help="hold out this generator's images as the test part (val from the other generators')")
+    p.add_argument("--each-generator", action="store_true",
+                   help="leave one generator out: one run per generator, each testing on the held-out one")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar per epoch (default: on a terminal)")
     p.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/ma_agiqa/features)")
     p.add_argument("--address", default=None, help="Ray address for the MLLM feature extraction and --workers")
     p.add_argument("--workers", type=int, default=1,
@@ -89,6 +105,8 @@ def parse_args(argv=None):
 
 
 def split_scheme(args) -> str:
+    if args.test_generator is not None:
+        return f"generator:{args.test_generator}"
     if args.split is not None:
         return args.split
     if args.split_file:
@@ -101,6 +119,8 @@ def splits(args, df: pd.DataFrame, repeat: int):
     from ma_agiqa.datasets import REFERENCE_SPLIT_SEED, reference_split, split_three
 
     scheme = split_scheme(args)
+    if args.test_generator is not None:
+        return generator_split(df, args.test_generator, args.split_seed or 0, args.val_fraction)
     if args.test_fraction and scheme != "random":
         raise SystemExit("--test-fraction applies to --split random (the reference split has its own 20 % test)")
     if args.split_file:
@@ -111,6 +131,18 @@ def splits(args, df: pd.DataFrame, repeat: int):
     if scheme == "label":
         return split_three(df)
     return split_three(df, (args.split_seed or 0) + repeat, args.split_by_prompt, args.val_fraction, args.test_fraction)
+
+
+def generator_split(df: pd.DataFrame, generator: str, seed: int, val_fraction: float):
+    """(train, val, test): test is every image of ``generator``; val a seeded ``val_fraction`` of the rest."""
+    from ma_agiqa.datasets import split_three
+
+    held = df["generator"] == generator
+    if not held.any():
+        raise SystemExit(f"--test-generator {generator!r}: no such generator; the label file has "
+                         f"{', '.join(sorted(df['generator'].dropna().unique()))}")
+    train, val, _ = split_three(df[~held].reset_index(drop=True), seed, False, val_fraction, 0.0)
+    return train, val, df[held].reset_index(drop=True)
 
 
 def _set_field(obj, path: list[str], value, full: str):
@@ -153,11 +185,48 @@ def config_overrides(args) -> dict:
     return {k: v for k, v in parts.items() if v is not getattr(cfg, k)}
 
 
+# Options that change how a run is shown or where its inputs are cached, not what it trains.
+NOT_SETTINGS = ("progress", "address", "cache_dir")
+
+
+def run_settings(args) -> dict:
+    """What a finished run records of how it was made; a run with the same settings is not trained again."""
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}, default=str))
+
+
+def finished_run(output: Path, settings: dict) -> dict | None:
+    """The metrics of a run that finished in ``output`` with these settings, else None."""
+    try:
+        saved = json.loads((output / "train_config.json").read_text())
+        metrics = json.loads((output / "metrics.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    if (output / STATE_FILE).exists() or {k: v for k, v in saved.items() if k != "train"} != settings:
+        return None
+    return metrics
+
+
+STATE_FILE = "train_state.pt"
+
+
 def train_once(args, df, output: Path, repeat: int = 0) -> dict:
     import torch
 
     from ma_agiqa import create_model
     from ma_agiqa.training import prepare, train
+
+    settings = run_settings(args)
+    done = finished_run(output, settings)
+    if done is not None:
+        print(f"{output}: trained already with these settings (delete its metrics.json to train again)", file=sys.stderr)
+        return done
+    output.mkdir(parents=True, exist_ok=True)
+    log_file = output / "train.log"
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        with open(log_file, "a") as f:
+            f.write(line + "\n")
 
     train_df, val_df, test_df = splits(args, df, repeat)
     if args.limit:
@@ -173,6 +242,7 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
     t.batch_size = args.batch_size or t.batch_size
     t.scheduler = args.scheduler or t.scheduler
     t.t_max = args.t_max or t.t_max
+    t.warmup_epochs = t.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs
     t.normalize_mos = t.normalize_mos if args.normalize_mos is None else args.normalize_mos
     t.drop_prompt = t.drop_prompt if args.drop_prompt is None else args.drop_prompt
     train_in, stats_train = prepare(model, args.model, train_df, args.cache_dir, args.address)
@@ -192,7 +262,7 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
     else:
         gpu = torch.cuda.is_available() if args.gpu is None else args.gpu
         model.to("cuda" if gpu else "cpu")
-        result = train(model, train_in, val_in)
+        result = train(model, train_in, val_in, log=log, state_path=output / STATE_FILE, progress=args.progress)
         model.save_pretrained(output)
         checkpoint = model.model_id
     test = None
@@ -211,27 +281,52 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
         "test": test, "cache": {"train": stats_train, "val": stats_val, "test": stats_test}, **result,
     }
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (output / "train_config.json").write_text(json.dumps({**vars(args), "train": vars(t)}, indent=2, default=str) + "\n")
+    (output / "train_config.json").write_text(json.dumps({**settings, "train": vars(t)}, indent=2, default=str) + "\n")
+    (output / STATE_FILE).unlink(missing_ok=True)  # finished: the checkpoint and metrics.json say the rest
     return metrics
 
 
+def summarise(runs: list[dict]) -> dict:
+    keys = ["val_srcc", "val_plcc"] + (["test_srcc", "test_plcc", "test_krcc", "test_rmse"] if "test_srcc" in runs[0] else [])
+    return {k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs),
+                "max": max(r[k] for r in runs)} for k in keys}
+
+
+def flat(m: dict) -> dict:
+    return {**m["best"], **{f"test_{key}": v for key, v in (m["test"] or {}).items() if key != "epoch"}}
+
+
 def main(argv=None) -> int:
+    import copy
+
     from ma_agiqa.datasets import load_dataset
 
     args = parse_args(argv)
+    if sum([args.repeats > 1, args.test_generator is not None, args.each_generator]) > 1:
+        raise SystemExit("--repeats, --test-generator and --each-generator choose the split each their own way: "
+                         "use one of them")
     df = load_dataset(args.dataset, args.data_root, args.labels, args.target)
     output = Path(args.output)
+    if args.each_generator:
+        generators = sorted(df["generator"].dropna().unique())
+        if len(generators) < 2:
+            raise SystemExit("--each-generator needs a dataset with at least two generators")
+        runs = {}
+        for g in generators:
+            one = copy.copy(args)
+            one.each_generator, one.test_generator = False, g
+            runs[g] = flat(train_once(one, df, output / f"generator-{g}"))
+        summary = summarise(list(runs.values()))
+        (output / "metrics.json").write_text(json.dumps({"by_generator": runs, "summary": summary}, indent=2) + "\n")
+        print(json.dumps({"by_generator": {g: {k: r[k] for k in ("test_srcc", "test_plcc")} for g, r in runs.items()},
+                          "summary": summary}, indent=2))
+        return 0
     if args.repeats == 1:
         m = train_once(args, df, output)
         print(json.dumps({"best": m["best"], "test": m["test"], "checkpoint": str(output)}, indent=2))
         return 0
-    runs = []
-    for k in range(args.repeats):
-        m = train_once(args, df, output / f"repeat-{k}", k)
-        runs.append({**m["best"], **{f"test_{key}": v for key, v in (m["test"] or {}).items() if key != "epoch"}})
-    keys = ["val_srcc", "val_plcc"] + (["test_srcc", "test_plcc", "test_krcc", "test_rmse"] if "test_srcc" in runs[0] else [])
-    summary = {k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs),
-                   "max": max(r[k] for r in runs)} for k in keys}
+    runs = [flat(train_once(args, df, output / f"repeat-{k}", k)) for k in range(args.repeats)]
+    summary = summarise(runs)
     (output / "metrics.json").write_text(json.dumps({"repeats": runs, "summary": summary}, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0

@@ -216,10 +216,16 @@ class TrainConfig:
     # ``present`` mask, as for an image scored without a prompt), so the head learns to score from the
     # other experts alone on the same scale. Used only by models with a prompt expert.
     drop_prompt: float = 0.25
+    # Linear warm-up of every rate from 1 % over this many epochs, then the cosine (cosine-epoch only): a
+    # pretrained backbone is not shaken by a randomly initialised head's first gradients.
+    warmup_epochs: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.drop_prompt < 1.0:
             raise ValueError(f"drop_prompt must be in [0, 1), got {self.drop_prompt}")
+        if self.warmup_epochs < 0 or (self.warmup_epochs and self.scheduler != "cosine-epoch"):
+            raise ValueError(f"warmup_epochs must be >= 0 and needs the cosine-epoch scheduler, got "
+                             f"{self.warmup_epochs} with {self.scheduler}")
 
 
 @dataclass

@@ -200,18 +200,60 @@ def prompt_dropout(n: int, fraction: float, generator: torch.Generator) -> np.nd
     return (torch.rand(n, generator=generator) < fraction).numpy()
 
 
-def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, world: int = 1) -> dict:
+def _scheduler(opt, t, steps_per_epoch: int):
+    if t.scheduler == "cosine-iter":  # the reference: T_max counted in iterations
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.t_max)
+    if t.scheduler != "cosine-epoch":
+        raise ValueError(f"unknown scheduler {t.scheduler!r}")
+    total = t.epochs * steps_per_epoch
+    warmup = min(total - 1, round(getattr(t, "warmup_epochs", 0.0) * steps_per_epoch))
+    if warmup <= 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    return torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=warmup),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup),
+    ], milestones=[warmup])
+
+
+def run_key(model, train_in: Inputs, val_in: Inputs) -> str:
+    """What a saved training state must match to be resumed: the config (training settings included) and
+    the targets of both parts, in order (so another split or label file is another run)."""
+    h = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(train_in.mos).tobytes())
+    h.update(np.ascontiguousarray(val_in.mos).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a kill mid-write leaves the previous epoch's state
+
+
+def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, world: int = 1,
+          state_path: str | Path | None = None, progress: bool | None = False, stop_after: int | None = None) -> dict:
     """Trains the trainable parts of ``model`` in place; keeps the epoch with the best val SRCC + PLCC.
 
     Expert dropout: with a prompt expert, each training image's prompt is marked absent with probability
     ``cfg.train.drop_prompt`` (the same ``present`` mask as an image scored without a prompt), so that the
     head also learns to score from the other experts alone, on the same scale. Validation keeps the prompts.
 
+    Resumable: with ``state_path`` (one process), everything the next epoch depends on (weights, optimiser,
+    scheduler, every random stream, history, the best epoch's weights) is saved after each epoch, and a call
+    that finds a state of the same run (``run_key``) continues from it: a killed run ends where an
+    uninterrupted one ends. ``stop_after`` ends the call after that many epochs in all (as a kill would).
+    ``progress``: a progress bar per epoch with the loss, then val SRCC (None: only on a terminal).
+
     Data parallel when ``world`` > 1 (under torch.distributed, as Ray Train's TorchTrainer sets it up): every
     worker draws the same batches, computes its share of each (rows rank, rank + world, ...) and the
     gradients are summed across workers, each share's loss divided by the whole batch's size, so a step is
     the single-process step and the same code serves both."""
+    from tqdm.auto import tqdm
+
     t = model.cfg.train
+    if world > 1 and state_path is not None:
+        raise ValueError("resumable training runs in one process")
+    key = run_key(model, train_in, val_in)
     torch.manual_seed(t.seed)
     gen = torch.Generator().manual_seed(t.seed)
     # One process draws batches and augmentations from one stream (so its runs reproduce the recorded ones);
@@ -232,17 +274,33 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
     groups = [{"params": head}] + ([{"params": backbone, "lr": t.backbone_lr or t.lr}] if backbone else [])
     opt = torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
     steps_per_epoch = math.ceil(len(train_in.mos) / t.batch_size)
-    if t.scheduler == "cosine-iter":  # the reference: T_max counted in iterations
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.t_max)
-    else:
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs * steps_per_epoch)
-    history, best, best_state = [], -float("inf"), None
+    sched = _scheduler(opt, t, steps_per_epoch)
+    history, best, best_epoch, best_state, first = [], -float("inf"), 0, None, 0
+    state_path = Path(state_path) if state_path is not None else None
+    if state_path is not None and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["run_key"] != key:
+            raise ValueError(f"{state_path} holds the state of another training run (other settings or data): "
+                             "train into another output directory, or delete it to start again")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        for g, s in zip((gen, drop_gen), state["generators"]):
+            g.set_state(s)
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        history, best, best_epoch, best_state = state["history"], state["best"], state["best_epoch"], state["best_state"]
+        first = len(history)
+        log(f"resuming from {state_path} after epoch {first} of {t.epochs}")
     mos = torch.from_numpy(train_in.mos).to(next(model.quality.parameters()).device)
-    for epoch in range(t.epochs):
+    for epoch in range(first, t.epochs if stop_after is None else min(t.epochs, stop_after)):
         model.train()
         started, losses = time.time(), []
         order = torch.randperm(len(mos), generator=gen).numpy()
         train_pred = np.zeros(len(order), np.float32)
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", unit="step", leave=True,
+                   disable=(progress is False or rank != 0) or None, dynamic_ncols=True)
         for i in range(0, len(order), t.batch_size):
             batch = order[i : i + t.batch_size]
             idx = batch[rank::world]
@@ -260,6 +318,8 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
                 _sum_gradients(params)
             opt.step()
             sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         if world > 1:  # every worker predicted its own rows: add up the shares for the epoch's figures
             train_pred = _sum_array(train_pred)
             losses = _sum_array(np.asarray(losses, np.float64))
@@ -267,6 +327,8 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
         # training set would cost a third of an epoch
         val_pred = predict(model, val_in)
         tm, vm = iqa_metrics(train_pred, train_in.mos), iqa_metrics(val_pred, val_in.mos)
+        bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_srcc=f"{vm['srcc']:.4f}", val_plcc=f"{vm['plcc']:.4f}")
+        bar.close()
         row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "train_srcc": tm["srcc"], "train_plcc": tm["plcc"],
                "val_srcc": vm["srcc"], "val_plcc": vm["plcc"], "val_krcc": vm["krcc"], "val_rmse": vm["rmse"],
                "seconds": round(time.time() - started, 1)}
@@ -276,10 +338,20 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
         if best_state is None or quality > best:
             best, best_epoch = quality, epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
+        if state_path is not None:
+            _save_state(state_path, {
+                "run_key": key, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "generators": [gen.get_state(), drop_gen.get_state()],
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "history": history, "best": best, "best_epoch": best_epoch,
+                "best_state": best_state,
+            })
+    finished = len(history) == t.epochs
+    if finished:
+        model.load_state_dict(best_state)
     model.eval()
-    best_row = history[[h["epoch"] for h in history].index(best_epoch)]
-    return {"history": history, "best_epoch": best_epoch, "best": best_row}
+    best_row = history[[h["epoch"] for h in history].index(best_epoch)] if history else None
+    return {"history": history, "best_epoch": best_epoch, "best": best_row, "finished": finished}
 
 
 def _sum_gradients(params) -> None:

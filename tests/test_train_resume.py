@@ -1,0 +1,164 @@
+"""jobs.train as long runs need it: a killed run continues to the result an uninterrupted one gives, a finished
+run is not trained again, and leave-one-generator-out splits hold each generator out whole."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "samples" / "agiqa3k"
+
+
+def tiny_inputs(cfg, n: int, seed: int):
+    from ma_agiqa.training import Inputs
+
+    rng = np.random.default_rng(seed)
+    s = cfg.quality.views.size
+    return Inputs(
+        mos=rng.normal(3, 1, n).astype(np.float32),
+        pixels=rng.integers(0, 256, (n, 1, 3, s, s), dtype=np.uint8),
+        semantic={p: rng.normal(size=(n, cfg.semantic.hidden_size)).astype(np.float32) for p in cfg.semantic.prompts},
+    )
+
+
+def fresh_model(epochs: int = 3):
+    from ma_agiqa import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny-random", with_semantic=False, shipped=False)
+    t = model.cfg.train
+    t.epochs, t.batch_size, t.lr, t.scheduler, t.warmup_epochs = epochs, 4, 1e-3, "cosine-epoch", 1.0
+    return model
+
+
+def without_time(history) -> str:
+    """The history as text without the epochs' durations (text: a NaN figure equals itself)."""
+    return json.dumps([{k: v for k, v in row.items() if k != "seconds"} for row in history])
+
+
+def test_a_stopped_training_resumes_to_the_uninterrupted_result(tmp_path):
+    """Augmentation, dropout, warm-up and the cosine all draw on state that a resume must restore: the
+    resumed run's history and weights equal the uninterrupted run's exactly."""
+    from ma_agiqa.training import predict, train
+
+    cfg = fresh_model().cfg
+    train_in, val_in = tiny_inputs(cfg, 10, 1), tiny_inputs(cfg, 6, 2)
+    whole = fresh_model()
+    whole_result = train(whole, train_in, val_in, log=lambda _: None)
+
+    state = tmp_path / "train_state.pt"
+    first = fresh_model()
+    part = train(first, train_in, val_in, log=lambda _: None, state_path=state, stop_after=1)
+    assert not part["finished"] and len(part["history"]) == 1 and state.exists()
+    lines = []
+    resumed = fresh_model()  # a new process would start from the initial weights, as this one does
+    result = train(resumed, train_in, val_in, log=lines.append, state_path=state)
+    assert lines[0].startswith("resuming") and "after epoch 1 of 3" in lines[0]
+    assert result["finished"] and result["best_epoch"] == whole_result["best_epoch"]
+    assert without_time(result["history"]) == without_time(whole_result["history"])
+    np.testing.assert_array_equal(predict(resumed, val_in), predict(whole, val_in))
+
+
+def test_a_state_from_other_settings_is_refused(tmp_path):
+    from ma_agiqa.training import train
+
+    cfg = fresh_model().cfg
+    train_in, val_in = tiny_inputs(cfg, 8, 1), tiny_inputs(cfg, 4, 2)
+    state = tmp_path / "train_state.pt"
+    train(fresh_model(), train_in, val_in, log=lambda _: None, state_path=state, stop_after=1)
+    other = fresh_model()
+    other.cfg.train.lr = 2e-3
+    with pytest.raises(ValueError, match="another training run"):
+        train(other, train_in, val_in, log=lambda _: None, state_path=state)
+    with pytest.raises(ValueError, match="another training run"):  # other data: another split's targets
+        train(fresh_model(), tiny_inputs(cfg, 8, 3), val_in, log=lambda _: None, state_path=state)
+
+
+@pytest.fixture
+def three_generators(tmp_path):
+    """12 real AGIQA-3K images of three generators, with their published labels, in the dataset's layout."""
+    labels = pd.read_csv(SAMPLE / "labels.csv")
+    labels = labels[labels["name"].str.match(r"(AttnGAN|DALLE2|glide)_normal_")].reset_index(drop=True)
+    assert len(labels) == 12
+    root = tmp_path / "agiqa3k"
+    (root / "images").mkdir(parents=True)
+    for name in labels["name"]:
+        (root / "images" / name).symlink_to(SAMPLE / "images" / name)
+    labels.to_csv(root / "labels.csv", index=False)
+    return root
+
+
+def train_cmd(root: Path, output: Path, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.train", "--data-root", str(root), "--model", "ma-agiqa-offline-quality",
+            "--output", str(output), "--cache-dir", str(cache), "--split-seed", "1", "--batch-size", "2",
+            "--no-progress", *extra]
+
+
+def test_a_killed_job_continues_and_a_finished_one_is_not_trained_again(three_generators, tmp_path):
+    root, cache = three_generators, tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    whole = tmp_path / "whole"
+    subprocess.run(train_cmd(root, whole, cache, "--epochs", "8"), check=True, cwd=REPO, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(root, killed, cache, "--epochs", "8"), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "train_state.pt"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (killed / "metrics.json").exists(), "the run ended before it could be killed"
+    done_before = len((killed / "train.log").read_text().splitlines())
+    assert 1 <= done_before < 8
+
+    again = subprocess.run(train_cmd(root, killed, cache, "--epochs", "8"), cwd=REPO, env=env, capture_output=True,
+                           text=True, check=True)
+    assert f"resuming from {state} after epoch {done_before} of 8" in again.stdout
+    assert not state.exists()  # finished: the state is gone, the checkpoint and metrics stay
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, killed))
+    assert without_time(a["history"]) == without_time(b["history"]) and a["test"] == b["test"]
+    log = [json.loads(line) for line in (killed / "train.log").read_text().splitlines() if line.startswith("{")]
+    assert [row["epoch"] for row in log] == list(range(1, 9))
+
+    weights = killed / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    rerun = subprocess.run(train_cmd(root, killed, cache, "--epochs", "8"), cwd=REPO, env=env, capture_output=True,
+                           text=True, check=True)
+    assert "trained already" in rerun.stderr and weights.stat().st_mtime_ns == stamp
+
+
+def test_each_generator_is_held_out_whole_and_scored_again_by_evaluate(three_generators, tmp_path):
+    from jobs import evaluate, train
+
+    root, out, cache = three_generators, tmp_path / "logo", tmp_path / "cache"
+    common = ["--data-root", str(root), "--model", "ma-agiqa-offline-quality", "--cache-dir", str(cache),
+              "--epochs", "1", "--batch-size", "4", "--val-fraction", "0.25", "--no-progress"]
+    assert train.main(common + ["--output", str(out), "--each-generator"]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert set(summary["by_generator"]) == {"AttnGAN_normal", "DALLE2_normal", "glide_normal"}
+    assert set(summary["summary"]) >= {"test_srcc", "test_plcc"}
+    for g, row in summary["by_generator"].items():
+        run = out / f"generator-{g}"
+        parts = pd.read_csv(run / "split.csv")
+        generator = parts["image_id"].str.rsplit("_", n=1).str[0]
+        assert set(generator[parts["split"] == "test"]) == {g} and (parts["split"] == "test").sum() == 4
+        assert g not in set(generator[parts["split"] != "test"])
+        assert (parts["split"] == "val").sum() == 2
+        assert row["test_n"] == 4
+        again = evaluate.evaluate(evaluate.parse_args(["--model", str(run), "--data-root", str(root), "--split", "test",
+                                                       "--split-file", str(run / "split.csv"), "--cache-dir", str(cache)]))
+        assert again["rmse"] == pytest.approx(row["test_rmse"], rel=1e-5)
+    with pytest.raises(SystemExit, match="no such generator"):
+        train.main(common + ["--output", str(tmp_path / "x"), "--test-generator", "sdxl"])
+    with pytest.raises(SystemExit, match="use one of them"):
+        train.main(common + ["--output", str(tmp_path / "y"), "--each-generator", "--repeats", "2"])
