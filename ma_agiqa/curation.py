@@ -24,11 +24,13 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
-import fsspec
 import pyarrow as pa
 
 from .schema import CURRENT_ROW_ORDER, STATUS_OK, gate_column
-from .storage import expand_manifest, join_uri, remove_tree, scheme_of, write_json, write_part_atomically
+from .storage import (
+    duckdb_connection, expand_manifest, join_uri, register_filesystems, remove_tree, write_json,
+    write_part_atomically,
+)
 
 KEPT_DIR, REJECTED_DIR, GROUPS_FILE, SUMMARY_FILE = "kept", "rejected", "groups.parquet", "_summary.json"
 META_PREFIX = "meta_"
@@ -172,27 +174,6 @@ def build_rules(
 
 
 # -- reading -------------------------------------------------------------------------------------------------
-def connect(memory_limit: str | None = None, temp_dir: str | None = None, threads: int | None = None):
-    """A DuckDB connection that reads every URI scheme the scoring job reads (through fsspec)."""
-    import duckdb
-
-    con = duckdb.connect()
-    for setting, value in (("memory_limit", memory_limit), ("temp_directory", temp_dir), ("threads", threads)):
-        if value is not None:
-            con.execute(f"SET {setting} = {literal(value)}")
-    return con
-
-
-def _register_filesystems(con, uris: list[str]) -> None:
-    registered = set(con.list_filesystems())
-    for scheme in sorted({scheme_of(u) for u in uris} - {"", "file", "local"}):
-        fs = fsspec.filesystem(scheme)
-        name = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-        if name not in registered:
-            con.register_filesystem(fs)
-            registered.add(name)
-
-
 def scan(files: list[str], fmt: str, row_order: bool = False, strings: tuple[str, ...] = ()) -> str:
     """SQL that reads a list of Parquet/CSV/JSONL files (``row_order`` adds _file, _row: file order);
     ``strings``: CSV columns read as text, as written (ids: ``001`` stays ``001``)."""
@@ -247,14 +228,14 @@ def plan(con, scores: str, rules: list, model: str | None = None, metadata: str 
     p.score_files, fmt = expand_manifest(scores)
     if fmt != "parquet":
         raise CurationError(f"score table {scores} must be Parquet (it holds {fmt} files)")
-    _register_filesystems(con, p.score_files)
+    register_filesystems(con, p.score_files)
     p.score_columns = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {scan(p.score_files, 'parquet')}").fetchall()]
     if p.on[0] not in p.score_columns:
         raise CurationError(f"the score table has no column {p.on[0]!r} to join on (columns: {', '.join(p.score_columns)})")
     available = set(p.score_columns)
     if metadata:
         p.metadata_files, p.metadata_format = expand_manifest(metadata)
-        _register_filesystems(con, p.metadata_files)
+        register_filesystems(con, p.metadata_files)
         p.metadata_columns = [r[0] for r in con.execute(
             f"DESCRIBE SELECT * FROM {scan(p.metadata_files, p.metadata_format)}").fetchall()]
         if metadata_is_manifest or p.on[1] not in p.metadata_columns:
@@ -388,7 +369,7 @@ def run_filter(
     import time
 
     started = time.time()
-    con = connect(memory_limit, temp_dir)
+    con = duckdb_connection(memory_limit=memory_limit, temp_dir=temp_dir)
     p = plan(con, scores, rules, model, metadata, on, unmatched_scores, metadata_is_manifest)
     chosen, models = select_model(con, p)
     for name in (SUMMARY_FILE, KEPT_DIR, REJECTED_DIR, GROUPS_FILE):  # a re-run replaces the previous result

@@ -12,7 +12,8 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .curation import CurationError, connect, curated_sql, plan, quote, select_model
+from .curation import CurationError, curated_sql, plan, quote, select_model
+from .storage import duckdb_connection
 from .images import ImageError, decode_image
 from .storage import Fetcher, resolve_image_uri
 
@@ -188,7 +189,7 @@ def build_report(
     thumb_size: int = 160,
 ) -> tuple[str, dict]:
     """The report's HTML and the figures it shows (for a caller that wants to print or check them)."""
-    con = connect()
+    con = duckdb_connection()
     p = plan(con, scores, [], model, metadata, on)
     chosen, _ = select_model(con, p)
     # Every score row of the model once (duplicates resolved as the filter does), metadata joined when given.

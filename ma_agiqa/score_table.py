@@ -23,15 +23,9 @@ def current_rows_sql(relation: str, columns: str = "*", tiebreak: str = "") -> s
 
 def connect(parts: list[str], memory_limit: str | None = None):
     """A DuckDB connection that can read ``parts`` (object stores through fsspec)."""
-    import duckdb
+    from .storage import duckdb_connection
 
-    from .curation import _register_filesystems
-
-    con = duckdb.connect()
-    if memory_limit:
-        con.execute(f"SET memory_limit = '{memory_limit}'")
-    _register_filesystems(con, parts)
-    return con
+    return duckdb_connection(parts, memory_limit=memory_limit)
 
 
 def scan_parts(parts: list[str]) -> str:

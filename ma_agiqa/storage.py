@@ -403,3 +403,28 @@ def remove_tree(uri: str) -> None:
     fs, path = fsspec.core.url_to_fs(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def duckdb_connection(uris=(), memory_limit: str | None = None, temp_dir: str | None = None,
+                      threads: int | None = None):
+    """A DuckDB connection that reads ``uris`` (and any other URI of their schemes) through fsspec, as the
+    scoring job reads them; ``memory_limit`` etc. as DuckDB's settings."""
+    import duckdb
+
+    con = duckdb.connect()
+    for setting, value in (("memory_limit", memory_limit), ("temp_directory", temp_dir), ("threads", threads)):
+        if value is not None:
+            con.execute(f"SET {setting} = " + ("'" + value.replace("'", "''") + "'" if isinstance(value, str) else str(int(value))))
+    register_filesystems(con, uris)
+    return con
+
+
+def register_filesystems(con, uris) -> None:
+    """Registers the fsspec filesystem of each remote scheme in ``uris`` with a DuckDB connection, once."""
+    registered = set(con.list_filesystems())
+    for scheme in sorted({scheme_of(u) for u in uris} - {"", "file", "local"}):
+        fs = fsspec.filesystem(scheme)
+        name = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+        if name not in registered:
+            con.register_filesystem(fs)
+            registered.add(name)
