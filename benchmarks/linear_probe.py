@@ -1,0 +1,107 @@
+"""A linear probe of the offline configs' frozen backbone features: what the ImageNet EfficientNet-Lite2 maps
+(levels 1-4, 544 channels on the 14x14 grid, as jobs.train caches them) hold about AGIQA-3K quality, without
+the MANIQA head. Each image's map is pooled to its channels' mean and standard deviation over the grid (1,088
+numbers), and a ridge regression is fitted on the train part, its strength chosen on the val part, scored on
+the test part. Seconds instead of a training run, so it can be run on every split, and for each generator
+left out, where the head's recipe costs 10-15 minutes a run on 2 cores.
+
+    python benchmarks/linear_probe.py [--data-root ../shared/datasets/agiqa3k] [--model ma-agiqa-offline-quality]
+        [--features BACKBONE@SIZE ...]
+
+--features (repeatable) replaces the config's backbone and view size (e.g. tf_efficientnet_lite2@448: the
+whole 512 px image resized to 448 instead of 224) and concatenates the pooled maps of every set given; each
+set is cached as jobs.train caches the config's (the first run of a new set computes it: minutes).
+
+Splits: the reference's procedure (jobs.train --split reference), three seeded three-way splits (--split-seed
+1..3, 10 % val, 20 % test) and leave one generator out (every image of a generator as test, val 10 % of the
+others'), the parts jobs.train uses for the same options. Prints JSON; the generator-mean baseline
+(benchmarks/generator_baseline.py) beside each figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.train import generator_split  # noqa: E402
+from ma_agiqa.datasets import load_dataset, reference_split, split_three  # noqa: E402
+from ma_agiqa.metrics import iqa_metrics  # noqa: E402
+
+ALPHAS = [10.0 ** k for k in range(-2, 5)]
+
+
+def pooled_features(model_ref: str, df: pd.DataFrame, backbone: str | None = None, size: int | None = None) -> np.ndarray:
+    """[N, 2C]: mean and std over the grid of each image's cached backbone map (computed where not cached)."""
+    import dataclasses
+
+    from ma_agiqa import create_model, get_config
+    from ma_agiqa.training import backbone_features
+    from ma_agiqa.tiny import cache_dir
+
+    q = get_config(model_ref).quality
+    q = dataclasses.replace(q, backbone=backbone or q.backbone, views=dataclasses.replace(q.views, size=size or q.views.size))
+    model = create_model(model_ref, with_semantic=False, shipped=False, quality=q)
+    maps, _ = backbone_features(model, df, cache_dir() / "features")
+    out = np.empty((len(df), 2 * maps.shape[1]), np.float32)
+    for i in range(0, len(df), 256):
+        m = maps[i : i + 256].astype(np.float32).reshape(min(256, len(df) - i), maps.shape[1], -1)
+        out[i : i + 256] = np.concatenate([m.mean(-1), m.std(-1)], axis=1)
+    return out
+
+
+def ridge(x: np.ndarray, y: np.ndarray, alpha: float):
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    z = (x - mean) / std
+    w = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (y - y.mean()))
+    return lambda q: ((q - mean) / std) @ w + y.mean()
+
+
+def probe(features: np.ndarray, df: pd.DataFrame, parts) -> dict:
+    index = {i: k for k, i in enumerate(df["image_id"])}
+    (xtr, ytr), (xva, yva), (xte, yte) = [
+        (features[[index[i] for i in p["image_id"]]], p["mos"].to_numpy(np.float64)) for p in parts]
+    best = max(ALPHAS, key=lambda a: _score(iqa_metrics(ridge(xtr, ytr, a)(xva), yva)))
+    test = iqa_metrics(ridge(xtr, ytr, best)(xte), yte)
+    means = parts[0].groupby("generator")["mos"].mean()
+    gen_pred = parts[2]["generator"].map(means).fillna(ytr.mean()).to_numpy(np.float64)
+    baseline = iqa_metrics(gen_pred, yte) if np.ptp(gen_pred) > 0 else {"srcc": float("nan"), "plcc": float("nan")}
+    return {"alpha": best, **{k: round(float(v), 4) for k, v in test.items() if k != "n"}, "n": int(test["n"]),
+            "generator_mean_srcc": round(float(baseline["srcc"]), 4), "generator_mean_plcc": round(float(baseline["plcc"]), 4)}
+
+
+def _score(m: dict) -> float:
+    s = m["srcc"] + m["plcc"]
+    return -np.inf if np.isnan(s) else s
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "agiqa3k"))
+    p.add_argument("--model", default="ma-agiqa-offline-quality", help="a registered config with a frozen CNN backbone")
+    p.add_argument("--features", action="append", default=[], metavar="BACKBONE@SIZE",
+                   help="feature sets to concatenate instead of the config's (backbone and view size)")
+    args = p.parse_args(argv)
+    df = load_dataset("agiqa3k", args.data_root)
+    sets = [(b, int(s)) for b, _, s in (f.partition("@") for f in args.features)] or [(None, None)]
+    features = np.concatenate([pooled_features(args.model, df, b, s) for b, s in sets], axis=1)
+    out = {"model": args.model, "feature_sets": args.features or ["config"], "features": features.shape[1],
+           "reference": probe(features, df, reference_split(df))}
+    out["seeds"] = {s: probe(features, df, split_three(df, s, False, 0.1, 0.2)) for s in (1, 2, 3)}
+    out["seeds_median"] = {k: statistics.median(r[k] for r in out["seeds"].values()) for k in ("srcc", "plcc")}
+    out["leave_one_generator_out"] = {
+        g: probe(features, df, generator_split(df, g, 0, 0.1)) for g in sorted(df["generator"].unique())}
+    out["leave_one_generator_out_median"] = {
+        k: statistics.median(r[k] for r in out["leave_one_generator_out"].values()) for k in ("srcc", "plcc")}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
