@@ -305,6 +305,9 @@ def main(argv=None) -> int:
     if sum([args.repeats > 1, args.test_generator is not None, args.each_generator]) > 1:
         raise SystemExit("--repeats, --test-generator and --each-generator choose the split each their own way: "
                          "use one of them")
+    if (args.test_generator is not None or args.each_generator) and (args.split or args.split_file or args.test_fraction):
+        raise SystemExit("--test-generator and --each-generator make their own split (the generator's images as "
+                         "test, --val-fraction of the others' as val): drop --split, --split-file and --test-fraction")
     df = load_dataset(args.dataset, args.data_root, args.labels, args.target)
     output = Path(args.output)
     if args.each_generator:

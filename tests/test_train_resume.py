@@ -160,5 +160,7 @@ def test_each_generator_is_held_out_whole_and_scored_again_by_evaluate(three_gen
         assert again["rmse"] == pytest.approx(row["test_rmse"], rel=1e-5)
     with pytest.raises(SystemExit, match="no such generator"):
         train.main(common + ["--output", str(tmp_path / "x"), "--test-generator", "sdxl"])
+    with pytest.raises(SystemExit, match="make their own split"):
+        train.main(common + ["--output", str(tmp_path / "z"), "--test-generator", "glide_normal", "--split", "reference"])
     with pytest.raises(SystemExit, match="use one of them"):
         train.main(common + ["--output", str(tmp_path / "y"), "--each-generator", "--repeats", "2"])
