@@ -13,7 +13,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -506,11 +508,37 @@ def run(args) -> dict:
     return summary
 
 
+class _Interrupts:
+    """Ctrl-C while the job runs: raises KeyboardInterrupt as Python's own handler does, and remembers it, so a
+    run whose KeyboardInterrupt was swallowed on its way out (it can land in Ray's cleanup code, where Python
+    only prints it) still ends as interrupted instead of exiting 0."""
+
+    def __init__(self):
+        self.seen, self._previous = False, None
+
+    def _handler(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     try:
-        summary = run(args)
+        with _Interrupts() as interrupts:
+            summary = run(args)
+            if interrupts.seen:
+                raise KeyboardInterrupt
     except ManifestError as e:
         print(f"error: bad manifest: {e}", file=sys.stderr)
         return 2
