@@ -299,8 +299,10 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
         started, losses = time.time(), []
         order = torch.randperm(len(mos), generator=gen).numpy()
         train_pred = np.zeros(len(order), np.float32)
+        # tqdm's disable: True off, None on a terminal only, False always on
+        disable = True if progress is False or rank != 0 else (None if progress is None else False)
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", unit="step", leave=True,
-                   disable=(progress is False or rank != 0) or None, dynamic_ncols=True)
+                   disable=disable, dynamic_ncols=True)
         for i in range(0, len(order), t.batch_size):
             batch = order[i : i + t.batch_size]
             idx = batch[rank::world]
