@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 
 from jobs.cli import USER_ERRORS, run_and_report
 from ma_agiqa.curation import scan
-from ma_agiqa.score_table import connect, current_rows_sql
-from ma_agiqa.storage import count_rows, part_uris, write_part_atomically
+from ma_agiqa.score_table import current_rows_sql
+from ma_agiqa.storage import count_rows, duckdb_connection, part_uris, write_part_atomically
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,7 +39,7 @@ def current_positions(parts: list[str], memory_limit: str | None = None) -> pa.T
     themselves are copied by pyarrow, so every column keeps its exact type (float16 features included)."""
     relation = scan(parts, "parquet", row_order=True)
     sql = current_rows_sql(relation, columns="_file, _row", tiebreak="_file, _row") + " ORDER BY _file, _row"
-    return connect(parts, memory_limit).execute(sql).to_arrow_table()
+    return duckdb_connection(parts, memory_limit=memory_limit).execute(sql).to_arrow_table()
 
 
 def rows_by_file(keep: pa.Table) -> dict[str, np.ndarray]:

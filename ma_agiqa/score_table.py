@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from .errors import TRANSIENT_KINDS
 from .schema import CURRENT_ROW_KEY, CURRENT_ROW_ORDER, STATUS_OK
-from .storage import part_uris
+from .storage import duckdb_connection, part_uris
 
 
 def current_rows_sql(relation: str, columns: str = "*", tiebreak: str = "") -> str:
@@ -19,13 +19,6 @@ def current_rows_sql(relation: str, columns: str = "*", tiebreak: str = "") -> s
     key = ", ".join(CURRENT_ROW_KEY)
     order = CURRENT_ROW_ORDER + (f", {tiebreak}" if tiebreak else "")
     return f"SELECT {columns} FROM {relation} QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {order}) = 1"
-
-
-def connect(parts: list[str], memory_limit: str | None = None):
-    """A DuckDB connection that can read ``parts`` (object stores through fsspec)."""
-    from .storage import duckdb_connection
-
-    return duckdb_connection(parts, memory_limit=memory_limit)
 
 
 def scan_parts(parts: list[str]) -> str:
@@ -41,7 +34,7 @@ def read_scores(uri: str, model: str | None = None) -> pa.Table:
     parts = part_uris(uri)
     if not parts:
         return pa.table({})
-    con = connect(parts)
+    con = duckdb_connection(parts)
     relation = f"(SELECT * FROM {scan_parts(parts)}{f' WHERE model = {literal(model)}' if model else ''})"
     table = con.execute(current_rows_sql(relation) + " ORDER BY image_id, model").to_arrow_table()
     if "scored_at" in table.column_names:  # DuckDB names the zone Etc/UTC; the table's schema says UTC
@@ -67,7 +60,7 @@ def resume_plan(output_uri: str, model_id: str, ids: pa.ChunkedArray | pa.Array,
     manifest = pa.table({"image_id": ids, "pos": pa.array(np.arange(len(ids), dtype=np.int64))})
     if wanted is not None:
         manifest = manifest.filter(pa.array(wanted))
-    con = connect(parts)
+    con = duckdb_connection(parts)
     con.register("manifest", manifest)
     transient = ", ".join(literal(k) for k in sorted(TRANSIENT_KINDS))
     again = "TRUE" if retry_errors else f"split_part(last_error, ':', 1) IN ({transient})"
