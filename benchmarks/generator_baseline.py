@@ -24,9 +24,15 @@ from ma_agiqa.datasets import load_dataset, reference_split, split_three  # noqa
 from ma_agiqa.metrics import iqa_metrics  # noqa: E402
 
 
-def generator_means(train: pd.DataFrame, test: pd.DataFrame) -> dict:
+def generator_mean_prediction(train: pd.DataFrame, test: pd.DataFrame) -> np.ndarray:
+    """Each test image's prediction: its generator's mean training MOS (the overall mean for a generator the
+    training part lacks)."""
     means = train.groupby("generator")["mos"].mean()
-    pred = test["generator"].map(means).fillna(train["mos"].mean()).to_numpy(np.float64)
+    return test["generator"].map(means).fillna(train["mos"].mean()).to_numpy(np.float64)
+
+
+def generator_means(train: pd.DataFrame, test: pd.DataFrame) -> dict:
+    pred = generator_mean_prediction(train, test)
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in iqa_metrics(pred, test["mos"].to_numpy()).items()}
 
 

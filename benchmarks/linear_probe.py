@@ -29,6 +29,9 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from generator_baseline import generator_mean_prediction  # noqa: E402
 
 from jobs.train import generator_split  # noqa: E402
 from ma_agiqa.datasets import load_dataset, reference_split, split_three  # noqa: E402
@@ -69,8 +72,7 @@ def probe(features: np.ndarray, df: pd.DataFrame, parts) -> dict:
         (features[[index[i] for i in p["image_id"]]], p["mos"].to_numpy(np.float64)) for p in parts]
     best = max(ALPHAS, key=lambda a: _score(iqa_metrics(ridge(xtr, ytr, a)(xva), yva)))
     test = iqa_metrics(ridge(xtr, ytr, best)(xte), yte)
-    means = parts[0].groupby("generator")["mos"].mean()
-    gen_pred = parts[2]["generator"].map(means).fillna(ytr.mean()).to_numpy(np.float64)
+    gen_pred = generator_mean_prediction(parts[0], parts[2])
     baseline = iqa_metrics(gen_pred, yte) if np.ptp(gen_pred) > 0 else {"srcc": float("nan"), "plcc": float("nan")}
     return {"alpha": best, **{k: round(float(v), 4) for k, v in test.items() if k != "n"}, "n": int(test["n"]),
             "generator_mean_srcc": round(float(baseline["srcc"]), 4), "generator_mean_plcc": round(float(baseline["plcc"]), 4)}
