@@ -46,6 +46,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _weight(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="agiqa3k", choices=["agiqa3k", "agiqa1k", "aigciqa2023", "aigiqa20k"],
@@ -78,6 +85,11 @@ def parse_args(argv=None):
     p.add_argument("--t-max", type=int, default=None)
     p.add_argument("--warmup-epochs", type=float, default=None,
                    help="linear warm-up of the rates over this many epochs before the cosine (cosine-epoch)")
+    p.add_argument("--plcc-loss", type=_weight, default=None,
+                   help="weight of a (1 - PLCC) term over each batch, added to the MSE (default: the config's, 0)")
+    p.add_argument("--rank-loss", type=_weight, default=None,
+                   help="weight of a pairwise ranking (RankNet) term over each batch, added to the MSE (default: "
+                        "the config's, 0)")
     p.add_argument("--normalize-mos", action=argparse.BooleanOptionalAction, default=None,
                    help="train on (mos - mean) / std of the training split (--no-normalize-mos: raw MOS)")
     p.add_argument("--backbone", choices=["config", "frozen", "trainable"], default="config",
@@ -245,6 +257,8 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
     t.warmup_epochs = t.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs
     t.normalize_mos = t.normalize_mos if args.normalize_mos is None else args.normalize_mos
     t.drop_prompt = t.drop_prompt if args.drop_prompt is None else args.drop_prompt
+    t.plcc_loss = t.plcc_loss if args.plcc_loss is None else args.plcc_loss
+    t.rank_loss = t.rank_loss if args.rank_loss is None else args.rank_loss
     train_in, stats_train = prepare(model, args.model, train_df, args.cache_dir, args.address)
     val_in, stats_val = prepare(model, args.model, val_df, args.cache_dir, args.address)
     test_in, stats_test = prepare(model, args.model, test_df, args.cache_dir, args.address) if len(test_df) else (None, {})
@@ -308,6 +322,9 @@ def main(argv=None) -> int:
     if (args.test_generator is not None or args.each_generator) and (args.split or args.split_file or args.test_fraction):
         raise SystemExit("--test-generator and --each-generator make their own split (the generator's images as "
                          "test, --val-fraction of the others' as val): drop --split, --split-file and --test-fraction")
+    if args.workers > 1 and (args.plcc_loss or args.rank_loss):
+        raise SystemExit("--plcc-loss and --rank-loss are terms over the whole batch, which --workers splits: "
+                         "train them with --workers 1")
     df = load_dataset(args.dataset, args.data_root, args.labels, args.target)
     output = Path(args.output)
     if args.each_generator:

@@ -219,6 +219,11 @@ class TrainConfig:
     # Linear warm-up of every rate from 1 % over this many epochs, then the cosine (cosine-epoch only): a
     # pretrained backbone is not shaken by a randomly initialised head's first gradients.
     warmup_epochs: float = 0.0
+    # Terms added to the MSE on normalised MOS, each with its weight (0: off). SRCC and PLCC are what IQA is
+    # judged by, and MSE alone does not ask for either: ``plcc_loss`` adds (1 - PLCC) over each batch,
+    # ``rank_loss`` a pairwise logistic (RankNet) loss over each batch's pairs of different MOS.
+    plcc_loss: float = 0.0
+    rank_loss: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.drop_prompt < 1.0:
@@ -226,6 +231,8 @@ class TrainConfig:
         if self.warmup_epochs < 0 or (self.warmup_epochs and self.scheduler != "cosine-epoch"):
             raise ValueError(f"warmup_epochs must be >= 0 and needs the cosine-epoch scheduler, got "
                              f"{self.warmup_epochs} with {self.scheduler}")
+        if self.plcc_loss < 0 or self.rank_loss < 0:
+            raise ValueError(f"loss weights must be >= 0, got plcc_loss={self.plcc_loss}, rank_loss={self.rank_loss}")
 
 
 @dataclass

@@ -200,6 +200,23 @@ def prompt_dropout(n: int, fraction: float, generator: torch.Generator) -> np.nd
     return (torch.rand(n, generator=generator) < fraction).numpy()
 
 
+def training_loss(pred: torch.Tensor, mos: torch.Tensor, mos_std: float, batch_size: int, t) -> torch.Tensor:
+    """This share's part of the batch's loss: the MSE on MOS / ``mos_std`` (summed here, divided by the whole
+    batch's size, so that workers' shares add up to it), plus the batch-level terms of ``t`` (``plcc_loss``,
+    ``rank_loss``), which need the whole batch in one process."""
+    err = (pred - mos) / mos_std
+    loss = torch.sum(err**2) / batch_size
+    if t.plcc_loss and len(pred) > 1:
+        p, m = pred - pred.mean(), mos - mos.mean()
+        loss = loss + t.plcc_loss * (1 - torch.sum(p * m) / (p.norm() * m.norm() + 1e-8))
+    if t.rank_loss:
+        higher = mos[:, None] > mos[None, :]  # pairs (i, j) where i's MOS is above j's
+        if higher.any():
+            diff = (pred[:, None] - pred[None, :]) / mos_std
+            loss = loss + t.rank_loss * torch.nn.functional.softplus(-diff[higher]).mean()
+    return loss
+
+
 def _scheduler(opt, t, steps_per_epoch: int):
     if t.scheduler == "cosine-iter":  # the reference: T_max counted in iterations
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.t_max)
@@ -265,6 +282,11 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"drop_prompt must be in [0, 1), got {drop}")
     drop_gen = torch.Generator().manual_seed(t.seed + 1_000_003)
+    if t.plcc_loss < 0 or t.rank_loss < 0:
+        raise ValueError(f"loss weights must be >= 0, got plcc_loss={t.plcc_loss}, rank_loss={t.rank_loss}")
+    if world > 1 and (t.plcc_loss or t.rank_loss):
+        raise ValueError("plcc_loss and rank_loss are terms over the whole batch: train them in one process "
+                         "(--workers 1)")
     if t.normalize_mos:
         model.cfg.mos_mean, model.cfg.mos_std = float(train_in.mos.mean()), float(train_in.mos.std())
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("semantic.", "prompt_encoder."))]
@@ -312,7 +334,7 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
             if len(idx):
                 pred, _ = forward_rows(model, train_in, idx, train=True, generator=aug_gen, drop_prompt=dropped)
                 train_pred[idx] = pred.detach().cpu().numpy()
-                loss = torch.sum(((pred - mos[idx]) / model.cfg.mos_std) ** 2) / len(batch)
+                loss = training_loss(pred, mos[idx], model.cfg.mos_std, len(batch), t)
                 loss.backward()
                 batch_loss = loss.item()
             losses.append(batch_loss)
