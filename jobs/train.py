@@ -24,7 +24,8 @@ single-process step.
 
 Resumable: each epoch's state is saved in OUTPUT/train_state.pt, and the same command run again (after a kill
 or a time-out) continues from the last finished epoch to the result an uninterrupted run gives; a finished
-run (or repeat) is not trained again. Each epoch's figures are appended to OUTPUT/train.log; on a terminal a
+run (or repeat) is not trained again. So --each-generator's runs can be spread over processes: each runs
+--test-generator G --output OUTPUT/generator-<G>, and --each-generator then takes them as they are. Each epoch's figures are appended to OUTPUT/train.log; on a terminal a
 progress bar shows the epoch, its loss and val SRCC.
 """
 from __future__ import annotations
@@ -213,9 +214,15 @@ def finished_run(output: Path, settings: dict) -> dict | None:
         metrics = json.loads((output / "metrics.json").read_text())
     except (FileNotFoundError, ValueError):
         return None
-    if (output / STATE_FILE).exists() or {k: v for k, v in saved.items() if k != "train"} != settings:
+    # Where a run was written is not how it was made: a moved run, or `--test-generator G` trained into an
+    # `--each-generator` run's generator-G folder (so its ten runs can be spread over processes), is the same run.
+    if (output / STATE_FILE).exists() or _how(saved) != _how(settings):
         return None
     return metrics
+
+
+def _how(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in ("train", "output")}
 
 
 STATE_FILE = "train_state.pt"

@@ -137,13 +137,21 @@ def test_a_killed_job_continues_and_a_finished_one_is_not_trained_again(three_ge
     assert "trained already" in rerun.stderr and weights.stat().st_mtime_ns == stamp
 
 
-def test_each_generator_is_held_out_whole_and_scored_again_by_evaluate(three_generators, tmp_path):
+def test_each_generator_is_held_out_whole_and_scored_again_by_evaluate(three_generators, tmp_path, capsys):
     from jobs import evaluate, train
 
     root, out, cache = three_generators, tmp_path / "logo", tmp_path / "cache"
     common = ["--data-root", str(root), "--model", "ma-agiqa-offline-quality", "--cache-dir", str(cache),
               "--epochs", "1", "--batch-size", "4", "--val-fraction", "0.25", "--no-progress"]
+    # One of the runs made beforehand by --test-generator into its folder (as another process's share of the
+    # work would be): --each-generator takes it as it is.
+    first = out / "generator-AttnGAN_normal"
+    assert train.main(common + ["--output", str(first), "--test-generator", "AttnGAN_normal"]) == 0
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
     assert train.main(common + ["--output", str(out), "--each-generator"]) == 0
+    assert capsys.readouterr().err.count("trained already") == 1
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
     summary = json.loads((out / "metrics.json").read_text())
     assert set(summary["by_generator"]) == {"AttnGAN_normal", "DALLE2_normal", "glide_normal"}
     assert set(summary["summary"]) >= {"test_srcc", "test_plcc"}
