@@ -222,7 +222,8 @@ def finished_run(output: Path, settings: dict) -> dict | None:
 
 
 def _how(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if k not in ("train", "output")}
+    # An option not given (None) is the config's default, as it was before the option existed.
+    return {k: v for k, v in settings.items() if k not in ("train", "output") and v is not None}
 
 
 STATE_FILE = "train_state.pt"

@@ -232,10 +232,19 @@ def _scheduler(opt, t, steps_per_epoch: int):
     ], milestones=[warmup])
 
 
+# Training options added after training states were first saved: left out of the key while off, as if they
+# did not exist, so that a state saved before them still resumes.
+TERMS_ADDED_SINCE_STATES = ("plcc_loss", "rank_loss")
+
+
 def run_key(model, train_in: Inputs, val_in: Inputs) -> str:
     """What a saved training state must match to be resumed: the config (training settings included) and
     the targets of both parts, in order (so another split or label file is another run)."""
-    h = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True, default=str).encode())
+    cfg = model.cfg.to_dict()
+    for name in TERMS_ADDED_SINCE_STATES:
+        if not cfg["train"].get(name):
+            cfg["train"].pop(name, None)
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(np.ascontiguousarray(train_in.mos).tobytes())
     h.update(np.ascontiguousarray(val_in.mos).tobytes())
     return h.hexdigest()[:16]

@@ -68,3 +68,18 @@ def test_a_negative_weight_is_refused_by_the_config_and_by_train():
     model.cfg.train.plcc_loss = -1.0  # set after construction, as jobs.train sets fields
     with pytest.raises(ValueError, match="loss weights"):
         train(model, Inputs(mos=MOS.numpy()), Inputs(mos=MOS.numpy()), log=lambda _: None)
+
+
+def test_a_training_state_of_another_loss_is_not_resumed():
+    from ma_agiqa import create_model
+    from ma_agiqa.training import Inputs, run_key
+
+    model = create_model("tiny-random", with_semantic=False, shipped=False)
+    data = Inputs(mos=MOS.numpy())
+    plain = run_key(model, data, data)
+    model.cfg.train.rank_loss = 1.0
+    ranked = run_key(model, data, data)
+    model.cfg.train.rank_loss, model.cfg.train.plcc_loss = 0.0, 0.5
+    assert len({plain, ranked, run_key(model, data, data)}) == 3
+    model.cfg.train.plcc_loss = 0.0
+    assert run_key(model, data, data) == plain
