@@ -46,6 +46,14 @@ def test_the_terms_have_gradients_that_fix_the_order():
     assert pred.grad[0] > 0 and pred.grad[-1] < 0
 
 
+def test_a_batch_predicted_alike_gets_a_gradient_of_the_mse_size():
+    """PLCC is undefined for constant predictions and its gradient grows as their spread shrinks."""
+    for pred in (torch.zeros(4), torch.full((4,), 2.5) + torch.tensor([0.0, 1e-7, 0.0, -1e-7])):
+        pred.requires_grad_(True)
+        training_loss(pred, MOS[:4], 1.0, 4, TrainConfig(plcc_loss=1.0, rank_loss=1.0)).backward()
+        assert torch.isfinite(pred.grad).all() and pred.grad.abs().max() < 10
+
+
 @pytest.mark.parametrize("args, message", [
     (["--rank-loss", "-1"], "must be >= 0"),
     (["--plcc-loss", "nan"], "must be >= 0"),
