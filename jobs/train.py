@@ -24,9 +24,10 @@ single-process step.
 
 Resumable: each epoch's state is saved in OUTPUT/train_state.pt, and the same command run again (after a kill
 or a time-out) continues from the last finished epoch to the result an uninterrupted run gives; a finished
-run (or repeat) is not trained again. So --each-generator's runs can be spread over processes: each runs
---test-generator G --output OUTPUT/generator-<G>, and --each-generator then takes them as they are. Each epoch's figures are appended to OUTPUT/train.log; on a terminal a
-progress bar shows the epoch, its loss and val SRCC.
+run (or repeat) is not trained again, wherever it was written. So --each-generator's runs can be spread over
+processes: each runs --test-generator G --output OUTPUT/generator-<G>, and --each-generator then takes them
+as they are. Each epoch's figures are appended to OUTPUT/train.log; on a terminal a progress bar shows the
+epoch, its loss and val SRCC.
 """
 from __future__ import annotations
 

@@ -206,11 +206,12 @@ def training_loss(pred: torch.Tensor, mos: torch.Tensor, mos_std: float, batch_s
     ``rank_loss``), which need the whole batch in one process."""
     err = (pred - mos) / mos_std
     loss = torch.sum(err**2) / batch_size
-    p, m = pred - pred.mean(), mos - mos.mean()
-    # PLCC's gradient grows as 1 / the predictions' spread: a batch predicted (nearly) alone, as a head starts
-    # or a dead ReLU leaves it, has no correlation to follow, and gets the MSE alone.
-    if t.plcc_loss and len(pred) > 1 and p.detach().std() > 1e-3 * mos_std:
-        loss = loss + t.plcc_loss * (1 - torch.sum(p * m) / (p.norm() * m.norm() + 1e-8))
+    if t.plcc_loss and len(pred) > 1:
+        p, m = pred - pred.mean(), mos - mos.mean()
+        # PLCC's gradient grows as 1 / the predictions' spread: a batch predicted (nearly) alike, as a head
+        # starts or a dead ReLU leaves it, has no correlation to follow, and gets the MSE alone.
+        if p.detach().std() > 1e-3 * mos_std:
+            loss = loss + t.plcc_loss * (1 - torch.sum(p * m) / (p.norm() * m.norm() + 1e-8))
     if t.rank_loss:
         higher = mos[:, None] > mos[None, :]  # pairs (i, j) where i's MOS is above j's
         if higher.any():
