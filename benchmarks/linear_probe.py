@@ -16,6 +16,11 @@ Splits: the reference's procedure (jobs.train --split reference), three seeded t
 1..3, 10 % val, 20 % test) and leave one generator out (every image of a generator as test, val 10 % of the
 others'), the parts jobs.train uses for the same options. Prints JSON; the generator-mean baseline
 (benchmarks/generator_baseline.py) beside each figure.
+
+--head-repeats RUN (a `jobs.train --repeats 3 --split-seed 1 --val-fraction 0.1 --test-fraction 0.2` run, whose
+three splits are the probe's seeded ones) also scores each repeat's MANIQA head on its test part with
+jobs.evaluate, and the mean of the head's and the probe's predictions: whether the two read different things
+from the same features.
 """
 from __future__ import annotations
 
@@ -78,6 +83,31 @@ def probe(features: np.ndarray, df: pd.DataFrame, parts) -> dict:
             "generator_mean_srcc": round(float(baseline["srcc"]), 4), "generator_mean_plcc": round(float(baseline["plcc"]), 4)}
 
 
+def head_and_probe(features: np.ndarray, df: pd.DataFrame, run: Path, seed: int, data_root: str) -> dict:
+    """Test figures of the head trained in ``run`` (a repeat of jobs.train), of the probe on the same split, and
+    of the mean of their predictions."""
+    from jobs import evaluate
+
+    parts = split_three(df, seed, False, 0.1, 0.2)
+    saved = pd.read_csv(run / "split.csv")
+    if set(saved["image_id"][saved["split"] == "test"]) != set(parts[2]["image_id"]):
+        raise SystemExit(f"{run}: its test part is not the probe's seed-{seed} split (--split-seed 1 --val-fraction "
+                         "0.1 --test-fraction 0.2 --repeats 3 makes them)")
+    index = {i: k for k, i in enumerate(df["image_id"])}
+    (xtr, ytr), (xva, yva), (xte, yte) = [
+        (features[[index[i] for i in p["image_id"]]], p["mos"].to_numpy(np.float64)) for p in parts]
+    alpha = max(ALPHAS, key=lambda a: _score(iqa_metrics(ridge(xtr, ytr, a)(xva), yva)))
+    probe_pred = ridge(xtr, ytr, alpha)(xte)
+    scored = evaluate.evaluate(evaluate.parse_args([
+        "--model", str(run), "--data-root", data_root, "--split", "test", "--split-file", str(run / "split.csv")]))
+    head_pred = np.array([scored["predictions"][i] for i in parts[2]["image_id"]])
+    out = {}
+    for name, pred in (("head", head_pred), ("probe", probe_pred), ("mean", (head_pred + probe_pred) / 2)):
+        m = iqa_metrics(pred, yte)
+        out[name] = {"srcc": round(float(m["srcc"]), 4), "plcc": round(float(m["plcc"]), 4)}
+    return out
+
+
 def _score(m: dict) -> float:
     s = m["srcc"] + m["plcc"]
     return -np.inf if np.isnan(s) else s
@@ -89,6 +119,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="ma-agiqa-offline-quality", help="a registered config with a frozen CNN backbone")
     p.add_argument("--features", action="append", default=[], metavar="BACKBONE@SIZE",
                    help="feature sets to concatenate instead of the config's (backbone and view size)")
+    p.add_argument("--head-repeats", type=Path, default=None, metavar="RUN",
+                   help="a jobs.train --repeats 3 --split-seed 1 --val-fraction 0.1 --test-fraction 0.2 run: score its "
+                        "heads too, and the mean of head and probe")
     args = p.parse_args(argv)
     df = load_dataset("agiqa3k", args.data_root)
     sets = [(b, int(s)) for b, _, s in (f.partition("@") for f in args.features)] or [(None, None)]
@@ -101,6 +134,12 @@ def main(argv=None) -> int:
         g: probe(features, df, generator_split(df, g, 0, 0.1)) for g in sorted(df["generator"].unique())}
     out["leave_one_generator_out_median"] = {
         k: statistics.median(r[k] for r in out["leave_one_generator_out"].values()) for k in ("srcc", "plcc")}
+    if args.head_repeats is not None:
+        runs = {s: head_and_probe(features, df, args.head_repeats / f"repeat-{s - 1}", s, args.data_root) for s in (1, 2, 3)}
+        out["head_repeats"] = runs
+        out["head_repeats_median"] = {
+            name: {k: statistics.median(r[name][k] for r in runs.values()) for k in ("srcc", "plcc")}
+            for name in ("head", "probe", "mean")}
     print(json.dumps(out, indent=2))
     return 0
 
