@@ -226,12 +226,17 @@ class TrainConfig:
     rank_loss: float = 0.0
 
     def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Raises on settings that cannot train; ``train`` calls it again, as jobs.train sets fields after
+        construction."""
         if not 0.0 <= self.drop_prompt < 1.0:
             raise ValueError(f"drop_prompt must be in [0, 1), got {self.drop_prompt}")
         if self.warmup_epochs < 0 or (self.warmup_epochs and self.scheduler != "cosine-epoch"):
             raise ValueError(f"warmup_epochs must be >= 0 and needs the cosine-epoch scheduler, got "
                              f"{self.warmup_epochs} with {self.scheduler}")
-        if self.plcc_loss < 0 or self.rank_loss < 0:
+        if not (self.plcc_loss >= 0 and self.rank_loss >= 0):  # NaN too
             raise ValueError(f"loss weights must be >= 0, got plcc_loss={self.plcc_loss}, rank_loss={self.rank_loss}")
 
 

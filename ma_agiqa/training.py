@@ -290,12 +290,9 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
     aug_gen = gen if world == 1 else torch.Generator().manual_seed(t.seed + 1 + rank)
     # Prompt dropout draws from a stream of its own, for whole batches, so every worker marks the same rows
     # and runs without it draw exactly as before.
-    drop = getattr(t, "drop_prompt", 0.0) if train_in.prompt is not None else 0.0
-    if not 0.0 <= drop < 1.0:
-        raise ValueError(f"drop_prompt must be in [0, 1), got {drop}")
+    t.check()
+    drop = t.drop_prompt if train_in.prompt is not None else 0.0
     drop_gen = torch.Generator().manual_seed(t.seed + 1_000_003)
-    if t.plcc_loss < 0 or t.rank_loss < 0:
-        raise ValueError(f"loss weights must be >= 0, got plcc_loss={t.plcc_loss}, rank_loss={t.rank_loss}")
     if world > 1 and (t.plcc_loss or t.rank_loss):
         raise ValueError("plcc_loss and rank_loss are terms over the whole batch: train them in one process "
                          "(--workers 1)")
