@@ -56,7 +56,7 @@ def pooled_features(model_ref: str, df: pd.DataFrame, backbone: str | None = Non
     q = get_config(model_ref).quality
     q = dataclasses.replace(q, backbone=backbone or q.backbone, views=dataclasses.replace(q.views, size=size or q.views.size))
     model = create_model(model_ref, with_semantic=False, shipped=False, quality=q)
-    maps, _ = backbone_features(model, df, cache_dir() / "features")
+    maps, _, _ = backbone_features(model, df, cache_dir() / "features")
     out = np.empty((len(df), 2 * maps.shape[1]), np.float32)
     for i in range(0, len(df), 256):
         m = maps[i : i + 256].astype(np.float32).reshape(min(256, len(df) - i), maps.shape[1], -1)

