@@ -119,8 +119,8 @@ def identity(cfg: ModelConfig, weights: str, base_dir: str | os.PathLike | None 
     d.pop("name")
     d.pop("train", None)
     for expert in d["moe"]["experts"]:
-        if expert["source"] == "semantic":
-            expert["dim"] = None  # the MLLM's width: recorded once built, implied before; the same model
+        if expert["source"] in ("semantic", "stats"):
+            expert["dim"] = None  # the MLLM's or backbone's width: recorded once built, implied before; the same model
     loaded = {}
     if cfg.semantic is not None:
         loaded["semantic"] = fingerprint(cfg.semantic.model_id, base, cfg.semantic.revision)

@@ -171,14 +171,18 @@ class PromptConfig:
 
 @dataclass
 class ExpertConfig:
-    """One expert of the mixture: ``source`` is "semantic" (one prompt of the MLLM), "quality" or "prompt"."""
+    """One expert of the mixture: ``source`` is "semantic" (one prompt of the MLLM), "quality" (the MANIQA
+    vector), "stats" (each backbone channel's mean and standard deviation over the grid: what the map holds
+    globally, where the MANIQA head reads its layout) or "prompt"."""
 
     name: str
     source: str
-    dim: int | None  # None for a semantic expert of a config never built: the MLLM's width, read at build
+    # None for a semantic or stats expert of a config never built: the MLLM's width, or twice the backbone's
+    # channels, read at build
+    dim: int | None
 
     def __post_init__(self):
-        if self.source not in ("semantic", "quality", "prompt"):
+        if self.source not in ("semantic", "quality", "stats", "prompt"):
             raise ValueError(f"unknown expert source {self.source!r}")
 
 

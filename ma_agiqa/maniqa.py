@@ -152,6 +152,12 @@ class MANIQA(nn.Module):
         f, w = self.patch_scores(feats)
         return (f * w).sum(-1) / w.sum(-1)
 
+    @staticmethod
+    def pooled_stats(feats: torch.Tensor) -> torch.Tensor:
+        """Feature map [B, C, g, g] -> each channel's mean and standard deviation over the grid [B, 2C]."""
+        flat = feats.flatten(2)
+        return torch.cat([flat.mean(-1), flat.std(-1, unbiased=False)], dim=1)
+
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         """views [B, V, 3, s, s] (or [B, 3, s, s]) -> quality vector [B, g*g], the mean over the V views."""
         if views.dim() == 4:

@@ -55,6 +55,12 @@ class MAAGIQA(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
             self.quality = MANIQA(cfg.quality, load_pretrained=load_pretrained_backbone)
+            for expert in cfg.moe.experts:
+                if expert.source == "stats":  # the backbone's width, derived, checked against a checkpoint's
+                    width = 2 * self.quality.backbone.out_channels
+                    if expert.dim not in (None, width):
+                        raise ValueError(f"expert {expert.name} was built {expert.dim} wide; this backbone gives {width}")
+                    expert.dim = width
             self.moe = MoEHead(cfg.moe)
         self.semantic = semantic
         self.prompt_encoder = prompt_encoder
@@ -89,10 +95,18 @@ class MAAGIQA(nn.Module):
         train), semantic {prompt name: [B, hidden]}, prompt_embedding [B, dim]
         -> (MOS [B] float32, gates [B, E] in ``cfg.expert_names`` order)."""
         features = dict(semantic or {})
+        stats = [e.name for e in self.cfg.moe.experts if e.source == "stats"]
         if backbone_cut is not None:
-            features["quality"] = self.quality.head(self.quality.backbone.finish(backbone_features, backbone_cut))
-        elif backbone_features is not None:
+            backbone_features = self.quality.backbone.finish(backbone_features, backbone_cut)
+        if backbone_features is not None:
             features["quality"] = self.quality.head(backbone_features)
+            features.update({name: self.quality.pooled_stats(backbone_features) for name in stats})
+        elif stats:  # each view's map once, for both experts; the mean over the views
+            views = views.unsqueeze(1) if views.dim() == 4 else views
+            b, v = views.shape[:2]
+            maps = self.quality.features(views.flatten(0, 1))
+            features["quality"] = self.quality.head(maps).view(b, v, -1).mean(1)
+            features.update({name: self.quality.pooled_stats(maps).view(b, v, -1).mean(1) for name in stats})
         else:
             features["quality"] = self.quality(views)
         present = None

@@ -16,6 +16,16 @@ def _after_projection(cfg: MoEConfig, source: str) -> nn.Module:
     return nn.Sequential(*layers) if layers else nn.Identity()
 
 
+class Standardize(nn.BatchNorm1d):
+    """BatchNorm1d that uses its running statistics for a training batch of one row (which has none)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
+                                            0.0, self.eps)
+        return super().forward(x)
+
+
 class MoEHead(nn.Module):
     """Experts come from the config's list. An expert missing for an image (no prompt, say) is masked out
     of that image's gate, so the others still score it.
@@ -30,7 +40,13 @@ class MoEHead(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.names = [e.name for e in cfg.experts]
-        self.project = nn.ModuleDict({e.name: nn.Linear(e.dim, cfg.width) for e in cfg.experts})
+        # A stats expert's channels differ in scale by orders of magnitude: standardised first (as a ridge
+        # regression on them standardises each), with the batch's statistics in training.
+        self.project = nn.ModuleDict({
+            e.name: nn.Sequential(Standardize(e.dim), nn.Linear(e.dim, cfg.width)) if e.source == "stats"
+            else nn.Linear(e.dim, cfg.width)
+            for e in cfg.experts
+        })
         self.gate = nn.Linear(cfg.width * len(cfg.experts), len(cfg.experts))
         self.dropout = nn.Dropout(cfg.dropout)
         self.regress = nn.Linear(cfg.width, 1)
