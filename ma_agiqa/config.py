@@ -321,13 +321,16 @@ class ModelConfig:
 
 
 def experts_for(
-    semantic: SemanticConfig | None, quality: QualityConfig, prompt: PromptConfig | None
+    semantic: SemanticConfig | None, quality: QualityConfig, prompt: PromptConfig | None, stats: bool = False
 ) -> list[ExpertConfig]:
-    """The reference's experts (one per MLLM prompt, then quality), plus the prompt expert if configured."""
+    """The reference's experts (one per MLLM prompt, then quality), plus the prompt expert if configured and
+    the stats expert if asked for."""
     experts = []
     if semantic is not None:
         experts += [ExpertConfig(name, "semantic", None) for name in semantic.prompts]  # the MLLM's width, at build
     experts.append(ExpertConfig("quality", "quality", quality.out_dim))
     if prompt is not None:
         experts.append(ExpertConfig("prompt", "prompt", prompt.dim))
+    if stats:
+        experts.append(ExpertConfig("stats", "stats", None))  # twice the backbone's channels, at build
     return experts

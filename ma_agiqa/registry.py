@@ -35,13 +35,14 @@ def get_config(name: str) -> ModelConfig:
     return _REGISTRY[name]()
 
 
-def _config(name, quality, semantic=None, prompt=None, moe_width=784, gate="softmax", train=None, **moe) -> ModelConfig:
+def _config(name, quality, semantic=None, prompt=None, moe_width=784, gate="softmax", train=None, stats=False,
+            **moe) -> ModelConfig:
     return ModelConfig(
         name=name,
         quality=quality,
         semantic=semantic,
         prompt=prompt,
-        moe=MoEConfig(experts=experts_for(semantic, quality, prompt), width=moe_width, gate=gate, **moe),
+        moe=MoEConfig(experts=experts_for(semantic, quality, prompt, stats), width=moe_width, gate=gate, **moe),
         train=train or TrainConfig(),
     )
 
@@ -128,9 +129,11 @@ def ma_agiqa_offline() -> ModelConfig:
 
 @register_model
 def ma_agiqa_offline_quality() -> ModelConfig:
-    """``ma-agiqa-offline`` without the prompt expert: the quality branch alone."""
+    """``ma-agiqa-offline`` without the prompt expert: the quality branch alone, with the stats expert beside
+    the MANIQA vector (the head reads the map's layout, a linear probe its channels' global statistics, and
+    together they score better than either: benchmarks/accuracy.md)."""
     cfg = ma_agiqa_offline()
-    return _config("ma-agiqa-offline-quality", cfg.quality, moe_width=cfg.moe.width, train=cfg.train)
+    return _config("ma-agiqa-offline-quality", cfg.quality, moe_width=cfg.moe.width, train=cfg.train, stats=True)
 
 
 def _tiny_quality() -> QualityConfig:

@@ -17,7 +17,8 @@ def _small_offline(**quality):
     cfg = get_config("ma-agiqa-offline-quality")
     q = dataclasses.replace(cfg.quality, backbone="tf_efficientnet_lite0", pretrained=None,
                             views=dataclasses.replace(cfg.quality.views, size=64), **quality)
-    moe = MoEConfig(experts=[*cfg.moe.experts, ExpertConfig(**STATS)], width=cfg.moe.width)
+    quality_only = [e for e in cfg.moe.experts if e.source == "quality"]
+    moe = MoEConfig(experts=[*quality_only, ExpertConfig(**STATS)], width=cfg.moe.width)
     return q, moe
 
 
@@ -45,6 +46,7 @@ def test_stats_expert_width_is_derived_and_both_paths_agree(tmp_path):
         one, _ = model(backbone_features=maps.view(3, 2, *maps.shape[1:])[:, 0])
         assert torch.allclose(model(views[:, :1])[0], one, atol=1e-5)
     assert gates.shape == (3, 2) and torch.isfinite(score).all()
+    assert get_config("ma-agiqa-offline-quality").expert_names == ["quality", "stats"]  # as the offline configs
     model.save_pretrained(tmp_path / "ckpt")
     saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert saved["moe"]["experts"][-1] == {**STATS, "dim": stats.dim}
