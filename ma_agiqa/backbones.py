@@ -32,6 +32,9 @@ class ViTBlocks(nn.Module):
         )
         return _to_grid(feats, self.grid)
 
+    def trainable_modules(self) -> list[nn.Module]:
+        return []  # trainable_stages is for CNNs
+
 
 class CNNLevels(nn.Module):
     """A CNN's feature levels. With ``trainable_stages`` N, the model's last N stages (timm's ``blocks`` of
@@ -59,7 +62,6 @@ class CNNLevels(nn.Module):
             # the stage each level is read after (-1: the stem), from timm's own feature_info
             self.level_stages = [int(n.split(".")[1]) if n.startswith("blocks.") else -1
                                  for n in self.model.feature_info.module_name()]
-            self.frozen_channels = sum(c for c, s in zip(self.level_channels, self.level_stages) if s < self.cut)
 
     def trainable_modules(self) -> list[nn.Module]:
         return [] if self.cut is None else list(self.model.blocks[self.cut:])

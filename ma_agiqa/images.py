@@ -153,9 +153,10 @@ def _grid_positions(h: int, w: int, size: int, n: int) -> list[tuple[int, int]]:
 
 def augment(x, generator: torch.Generator | None = None, p: float = 0.7):
     """Training augmentation on [V, 3, H, W] (or a tuple of such maps, all given the same draws): a
-    horizontal flip (of the last axis), then a rot90 by 1-3 quarter turns, each with probability ``p``. The reference flips the other axis: its ``np.fliplr`` on a
-    [C, H, W] array reverses H, a vertical flip, after its rot90. Over the quarter turns both give the same
-    eight orientations, with different weights for the flip alone (ours mirrors left-right, its up-down)."""
+    horizontal flip (of the last axis), then a rot90 by 1-3 quarter turns, each with probability ``p``. The
+    reference flips the other axis: its ``np.fliplr`` on a [C, H, W] array reverses H, a vertical flip, after
+    its rot90. Over the quarter turns both give the same eight orientations, with different weights for the
+    flip alone (ours mirrors left-right, its up-down)."""
     maps = x if isinstance(x, tuple) else (x,)
     if float(torch.rand((), generator=generator)) < p:
         maps = tuple(m.flip(-1) for m in maps)

@@ -105,7 +105,7 @@ class MANIQA(nn.Module):
         )
         if cfg.freeze_backbone:
             self.backbone.requires_grad_(False)
-            for stage in self.backbone.trainable_modules() if cfg.trainable_stages else ():
+            for stage in self.backbone.trainable_modules():
                 stage.requires_grad_(True)
         n, d = cfg.grid * cfg.grid, cfg.embed_dim
         self.tab1 = nn.Sequential(*[TransposedAttention(n, cfg.drop, cfg.tab_layout) for _ in range(cfg.num_tab)])

@@ -76,7 +76,7 @@ class MAAGIQA(nn.Module):
                 frozen.eval()
         if self.cfg.quality.freeze_backbone:
             self.quality.backbone.eval()
-            for stage in self.quality.backbone.trainable_modules() if self.cfg.quality.trainable_stages else ():
+            for stage in self.quality.backbone.trainable_modules():
                 stage.train(mode)
         return self
 
@@ -149,7 +149,7 @@ class MAAGIQA(nn.Module):
 
     def _trained_backbone_keys(self) -> set[str]:
         backbone = self.quality.backbone
-        stages = {id(m) for m in backbone.trainable_modules()} if self.cfg.quality.trainable_stages else set()
+        stages = {id(m) for m in backbone.trainable_modules()}
         keys = set()
         for name, module in backbone.named_modules():
             if id(module) in stages:
