@@ -346,6 +346,14 @@ def main(argv=None) -> int:
     if args.workers > 1 and (args.plcc_loss or args.rank_loss):
         raise SystemExit("--plcc-loss and --rank-loss are terms over the whole batch, which --workers splits: "
                          "train them with --workers 1")
+    if args.workers > 1:
+        from ma_agiqa.checkpoint import load_config
+        from ma_agiqa.training import check_data_parallel
+
+        try:  # before the data is read: its features take minutes
+            check_data_parallel(config_overrides(args).get("moe") or load_config(args.model).moe, args.workers)
+        except ValueError as e:
+            raise SystemExit(str(e))
     df = load_dataset(args.dataset, args.data_root, args.labels, args.target)
     output = Path(args.output)
     if args.each_generator:

@@ -455,6 +455,14 @@ def train_worker(config: dict) -> None:
         ray.train.report(metrics)
 
 
+def check_data_parallel(moe, workers: int) -> None:
+    """A step on N workers equals the single-process step only where nothing in the head depends on the
+    batch as a whole: a stats expert's BatchNorm standardises over the batch, which the workers split."""
+    if workers > 1 and any(e.source == "stats" for e in moe.experts):
+        raise ValueError("a stats expert standardises its input over the whole batch (a BatchNorm), which "
+                         "data-parallel workers split: train it in one process (--workers 1)")
+
+
 def train_distributed(model_ref: str, train_overrides: dict, train_in: Inputs, val_in: Inputs, output: Path,
                       workers: int, use_gpu: bool = False, storage: str | None = None,
                       model_overrides: dict | None = None) -> dict:
@@ -465,6 +473,9 @@ def train_distributed(model_ref: str, train_overrides: dict, train_in: Inputs, v
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ma_agiqa.checkpoint import load_config
+
+    check_data_parallel((model_overrides or {}).get("moe") or load_config(model_ref).moe, workers)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"model": model_ref, "train": train_overrides, "train_in": train_in, "val_in": val_in,

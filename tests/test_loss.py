@@ -58,10 +58,11 @@ def test_a_batch_predicted_alike_gets_a_gradient_of_the_mse_size():
     (["--rank-loss", "-1"], "must be >= 0"),
     (["--plcc-loss", "nan"], "must be >= 0"),
     (["--plcc-loss", "1", "--workers", "2"], "train them with --workers 1"),
+    (["--model", "ma-agiqa-offline-quality", "--workers", "2"], "train it in one process (--workers 1)"),
 ])
 def test_jobs_train_refuses_bad_loss_settings_before_reading_data(tmp_path, args, message):
     run = subprocess.run([sys.executable, "-m", "jobs.train", "--data-root", str(tmp_path / "none"), "--model", "tiny-random", "--output",
-                          str(tmp_path / "out"), *args], cwd=REPO, capture_output=True, text=True)
+                          str(tmp_path / "out"), *args], cwd=REPO, capture_output=True, text=True)  # a later --model wins
     assert run.returncode != 0 and message in run.stderr
     assert not (tmp_path / "out").exists()
 

@@ -3,6 +3,7 @@ MANIQA vector (what a linear probe of the same maps reads; benchmarks/accuracy.m
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,3 +73,17 @@ def test_a_checkpoint_built_on_another_backbone_width_is_refused(tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="built 10 wide"):
         from_pretrained(tmp_path / "ckpt")
+
+
+def test_a_stats_expert_is_refused_data_parallel_before_ray_starts(tmp_path):
+    """Its BatchNorm standardises over the batch, which workers would split: N workers would not equal one."""
+    from ma_agiqa.training import Inputs, check_data_parallel, train_distributed
+
+    cfg = get_config("ma-agiqa-offline-quality")
+    assert any(e.source == "stats" for e in cfg.moe.experts)
+    check_data_parallel(cfg.moe, 1)
+    head_only = MoEConfig(experts=[e for e in cfg.moe.experts if e.source == "quality"], width=cfg.moe.width)
+    check_data_parallel(head_only, 2)
+    with pytest.raises(ValueError, match="one process"):
+        train_distributed("ma-agiqa-offline-quality", {}, Inputs(mos=np.zeros(2)), Inputs(mos=np.zeros(2)), tmp_path / "out", workers=2)
+    assert not (tmp_path / "out").exists()
