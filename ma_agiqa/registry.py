@@ -120,18 +120,18 @@ def _efficientnet_lite2(freeze: bool) -> QualityConfig:
 def ma_agiqa_offline() -> ModelConfig:
     """What can be trained with real weights on a machine with no hub access: no MLLM (none can be had),
     the quality branch on the packaged ImageNet EfficientNet-Lite2 (frozen, so its features can be cached),
-    and the prompt expert on the packaged all-MiniLM-L6-v2."""
+    the prompt expert on the packaged all-MiniLM-L6-v2, and the stats expert beside the MANIQA vector (the
+    head reads the map's layout, a linear probe its channels' global statistics, and together they score
+    better than either: benchmarks/accuracy.md)."""
     return _config(
-        "ma-agiqa-offline", _efficientnet_lite2(freeze=True), prompt=PromptConfig(), moe_width=128,
+        "ma-agiqa-offline", _efficientnet_lite2(freeze=True), prompt=PromptConfig(), moe_width=128, stats=True,
         train=TrainConfig(lr=3e-4, epochs=12, batch_size=32, scheduler="cosine-epoch", normalize_mos=True, seed=20),
     )
 
 
 @register_model
 def ma_agiqa_offline_quality() -> ModelConfig:
-    """``ma-agiqa-offline`` without the prompt expert: the quality branch alone, with the stats expert beside
-    the MANIQA vector (the head reads the map's layout, a linear probe its channels' global statistics, and
-    together they score better than either: benchmarks/accuracy.md)."""
+    """``ma-agiqa-offline`` without the prompt expert: the quality branch alone, with its stats expert."""
     cfg = ma_agiqa_offline()
     return _config("ma-agiqa-offline-quality", cfg.quality, moe_width=cfg.moe.width, train=cfg.train, stats=True)
 
