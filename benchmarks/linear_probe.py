@@ -6,7 +6,7 @@ the test part. Seconds instead of a training run, so it can be run on every spli
 left out, where the head's recipe costs 10-15 minutes a run on 2 cores.
 
     python benchmarks/linear_probe.py [--data-root ../shared/datasets/agiqa3k] [--model ma-agiqa-offline-quality]
-        [--features BACKBONE@SIZE ...]
+        [--features BACKBONE@SIZE ...] [--pool mean-std|max|p10-p90|quadrants]
 
 --features (repeatable) replaces the config's backbone and view size (e.g. tf_efficientnet_lite2@448: the
 whole 512 px image resized to 448 instead of 224) and concatenates the pooled maps of every set given; each
@@ -45,8 +45,25 @@ from ma_agiqa.metrics import iqa_metrics  # noqa: E402
 ALPHAS = [10.0 ** k for k in range(-2, 5)]
 
 
-def pooled_features(model_ref: str, df: pd.DataFrame, backbone: str | None = None, size: int | None = None) -> np.ndarray:
-    """[N, 2C]: mean and std over the grid of each image's cached backbone map (computed where not cached)."""
+POOLS = {  # what each image's [C, g*g] map is pooled to, beside its channels' mean and std
+    "mean-std": lambda m: [],
+    "max": lambda m: [m.max(-1)],
+    "p10-p90": lambda m: [np.percentile(m, 10, axis=-1), np.percentile(m, 90, axis=-1)],
+    "quadrants": lambda m: [_quadrant_means(m)],
+}
+
+
+def _quadrant_means(m: np.ndarray) -> np.ndarray:
+    g = int(round(m.shape[-1] ** 0.5))
+    h = g // 2
+    grid = m.reshape(*m.shape[:2], g, g)
+    return np.concatenate([grid[..., i:i + h, j:j + h].mean((-1, -2)) for i in (0, h) for j in (0, h)], axis=1)
+
+
+def pooled_features(model_ref: str, df: pd.DataFrame, backbone: str | None = None, size: int | None = None,
+                    pool: str = "mean-std") -> np.ndarray:
+    """[N, kC]: mean and std over the grid of each image's cached backbone map (computed where not cached),
+    and what ``pool`` adds."""
     import dataclasses
 
     from ma_agiqa import create_model, get_config
@@ -57,11 +74,11 @@ def pooled_features(model_ref: str, df: pd.DataFrame, backbone: str | None = Non
     q = dataclasses.replace(q, backbone=backbone or q.backbone, views=dataclasses.replace(q.views, size=size or q.views.size))
     model = create_model(model_ref, with_semantic=False, shipped=False, quality=q)
     maps, _, _ = backbone_features(model, df, cache_dir() / "features")
-    out = np.empty((len(df), 2 * maps.shape[1]), np.float32)
+    out = []
     for i in range(0, len(df), 256):
         m = maps[i : i + 256].astype(np.float32).reshape(min(256, len(df) - i), maps.shape[1], -1)
-        out[i : i + 256] = np.concatenate([m.mean(-1), m.std(-1)], axis=1)
-    return out
+        out.append(np.concatenate([m.mean(-1), m.std(-1), *POOLS[pool](m)], axis=1))
+    return np.concatenate(out)
 
 
 def ridge(x: np.ndarray, y: np.ndarray, alpha: float):
@@ -119,14 +136,17 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="ma-agiqa-offline-quality", help="a registered config with a frozen CNN backbone")
     p.add_argument("--features", action="append", default=[], metavar="BACKBONE@SIZE",
                    help="feature sets to concatenate instead of the config's (backbone and view size)")
+    p.add_argument("--pool", choices=sorted(POOLS), default="mean-std",
+                   help="statistics of each channel over the grid beside its mean and std (quadrants: the mean of each "
+                        "quarter of the grid)")
     p.add_argument("--head-repeats", type=Path, default=None, metavar="RUN",
                    help="a jobs.train --repeats 3 --split-seed 1 --val-fraction 0.1 --test-fraction 0.2 run: score its "
                         "heads too, and the mean of head and probe")
     args = p.parse_args(argv)
     df = load_dataset("agiqa3k", args.data_root)
     sets = [(b, int(s)) for b, _, s in (f.partition("@") for f in args.features)] or [(None, None)]
-    features = np.concatenate([pooled_features(args.model, df, b, s) for b, s in sets], axis=1)
-    out = {"model": args.model, "feature_sets": args.features or ["config"], "features": features.shape[1],
+    features = np.concatenate([pooled_features(args.model, df, b, s, args.pool) for b, s in sets], axis=1)
+    out = {"model": args.model, "feature_sets": args.features or ["config"], "pool": args.pool, "features": features.shape[1],
            "reference": probe(features, df, reference_split(df))}
     out["seeds"] = {s: probe(features, df, split_three(df, s, False, 0.1, 0.2)) for s in (1, 2, 3)}
     out["seeds_median"] = {k: statistics.median(r[k] for r in out["seeds"].values()) for k in ("srcc", "plcc")}
