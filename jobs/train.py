@@ -177,6 +177,22 @@ def _set_field(obj, path: list[str], value, full: str):
     return dataclasses.replace(obj, **{path[0]: value})
 
 
+def apply_train_args(t, args):
+    """``t`` (a TrainConfig) with the command line's training options on top; returns it."""
+    t.backbone_lr = args.backbone_lr or t.backbone_lr
+    t.epochs = args.epochs or t.epochs
+    t.lr = args.lr or t.lr
+    t.batch_size = args.batch_size or t.batch_size
+    t.scheduler = args.scheduler or t.scheduler
+    t.t_max = args.t_max or t.t_max
+    t.warmup_epochs = t.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs
+    t.normalize_mos = t.normalize_mos if args.normalize_mos is None else args.normalize_mos
+    t.drop_prompt = t.drop_prompt if args.drop_prompt is None else args.drop_prompt
+    t.plcc_loss = t.plcc_loss if args.plcc_loss is None else args.plcc_loss
+    t.rank_loss = t.rank_loss if args.rank_loss is None else args.rank_loss
+    return t
+
+
 def config_overrides(args) -> dict:
     """The quality and MoE configs that --backbone and --set change, as create_model overrides."""
     import dataclasses
@@ -268,18 +284,7 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
     # A registered name trains from scratch, even where trained heads ship with it; a directory fine-tunes.
     overrides = config_overrides(args)
     model = create_model(args.model, with_semantic=False, shipped=False, **overrides)
-    t = model.cfg.train
-    t.backbone_lr = args.backbone_lr or t.backbone_lr
-    t.epochs = args.epochs or t.epochs
-    t.lr = args.lr or t.lr
-    t.batch_size = args.batch_size or t.batch_size
-    t.scheduler = args.scheduler or t.scheduler
-    t.t_max = args.t_max or t.t_max
-    t.warmup_epochs = t.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs
-    t.normalize_mos = t.normalize_mos if args.normalize_mos is None else args.normalize_mos
-    t.drop_prompt = t.drop_prompt if args.drop_prompt is None else args.drop_prompt
-    t.plcc_loss = t.plcc_loss if args.plcc_loss is None else args.plcc_loss
-    t.rank_loss = t.rank_loss if args.rank_loss is None else args.rank_loss
+    t = apply_train_args(model.cfg.train, args)
     train_in, stats_train = prepare(model, args.model, train_df, args.cache_dir, args.address)
     val_in, stats_val = prepare(model, args.model, val_df, args.cache_dir, args.address)
     test_in, stats_test = prepare(model, args.model, test_df, args.cache_dir, args.address) if len(test_df) else (None, {})
@@ -343,15 +348,14 @@ def main(argv=None) -> int:
     if (args.test_generator is not None or args.each_generator) and (args.split or args.split_file or args.test_fraction):
         raise SystemExit("--test-generator and --each-generator make their own split (the generator's images as "
                          "test, --val-fraction of the others' as val): drop --split, --split-file and --test-fraction")
-    if args.workers > 1 and (args.plcc_loss or args.rank_loss):
-        raise SystemExit("--plcc-loss and --rank-loss are terms over the whole batch, which --workers splits: "
-                         "train them with --workers 1")
     if args.workers > 1:
         from ma_agiqa.checkpoint import load_config
         from ma_agiqa.training import check_data_parallel
 
+        cfg = load_config(args.model)
         try:  # before the data is read: its features take minutes
-            check_data_parallel(config_overrides(args).get("moe") or load_config(args.model).moe, args.workers)
+            check_data_parallel(config_overrides(args).get("moe") or cfg.moe, apply_train_args(cfg.train, args),
+                                args.workers)
         except ValueError as e:
             raise SystemExit(str(e))
     df = load_dataset(args.dataset, args.data_root, args.labels, args.target)

@@ -311,9 +311,8 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
     t.check()
     drop = t.drop_prompt if train_in.prompt is not None else 0.0
     drop_gen = torch.Generator().manual_seed(t.seed + 1_000_003)
-    if world > 1 and (t.plcc_loss or t.rank_loss):
-        raise ValueError("plcc_loss and rank_loss are terms over the whole batch: train them in one process "
-                         "(--workers 1)")
+    if world > 1:
+        check_data_parallel(model.cfg.moe, t, world)
     if t.normalize_mos:
         model.cfg.mos_mean, model.cfg.mos_std = float(train_in.mos.mean()), float(train_in.mos.std())
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("semantic.", "prompt_encoder."))]
@@ -455,12 +454,18 @@ def train_worker(config: dict) -> None:
         ray.train.report(metrics)
 
 
-def check_data_parallel(moe, workers: int) -> None:
-    """A step on N workers equals the single-process step only where nothing in the head depends on the
-    batch as a whole: a stats expert's BatchNorm standardises over the batch, which the workers split."""
-    if workers > 1 and any(e.source == "stats" for e in moe.experts):
+def check_data_parallel(moe, t, workers: int) -> None:
+    """A step on N workers equals the single-process step only where nothing depends on the batch as a
+    whole, which the workers split: not a stats expert's BatchNorm (it standardises over the batch), nor the
+    loss's PLCC and ranking terms (``t``: the TrainConfig the run will use)."""
+    if workers <= 1:
+        return
+    if any(e.source == "stats" for e in moe.experts):
         raise ValueError("a stats expert standardises its input over the whole batch (a BatchNorm), which "
                          "data-parallel workers split: train it in one process (--workers 1)")
+    if t.plcc_loss or t.rank_loss:
+        raise ValueError("the PLCC and ranking loss terms are computed over the whole batch, which "
+                         "data-parallel workers split: train them in one process (--workers 1)")
 
 
 def train_distributed(model_ref: str, train_overrides: dict, train_in: Inputs, val_in: Inputs, output: Path,
@@ -475,7 +480,10 @@ def train_distributed(model_ref: str, train_overrides: dict, train_in: Inputs, v
 
     from ma_agiqa.checkpoint import load_config
 
-    check_data_parallel((model_overrides or {}).get("moe") or load_config(model_ref).moe, workers)
+    cfg = load_config(model_ref)
+    for k, v in train_overrides.items():
+        setattr(cfg.train, k, v)
+    check_data_parallel((model_overrides or {}).get("moe") or cfg.moe, cfg.train, workers)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"model": model_ref, "train": train_overrides, "train_in": train_in, "val_in": val_in,

@@ -81,9 +81,13 @@ def test_a_stats_expert_is_refused_data_parallel_before_ray_starts(tmp_path):
 
     cfg = get_config("ma-agiqa-offline-quality")
     assert any(e.source == "stats" for e in cfg.moe.experts)
-    check_data_parallel(cfg.moe, 1)
+    check_data_parallel(cfg.moe, cfg.train, 1)
     head_only = MoEConfig(experts=[e for e in cfg.moe.experts if e.source == "quality"], width=cfg.moe.width)
-    check_data_parallel(head_only, 2)
-    with pytest.raises(ValueError, match="one process"):
+    check_data_parallel(head_only, cfg.train, 2)
+    with pytest.raises(ValueError, match="BatchNorm"):
         train_distributed("ma-agiqa-offline-quality", {}, Inputs(mos=np.zeros(2)), Inputs(mos=np.zeros(2)), tmp_path / "out", workers=2)
+    # the batch-level loss terms, set as jobs.train passes them (train overrides), are refused the same way
+    with pytest.raises(ValueError, match="PLCC and ranking"):
+        train_distributed("ma-agiqa-offline-quality", {"rank_loss": 0.5}, Inputs(mos=np.zeros(2)), Inputs(mos=np.zeros(2)),
+                          tmp_path / "out", workers=2, model_overrides={"moe": head_only})
     assert not (tmp_path / "out").exists()
