@@ -341,7 +341,9 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
         history, best, best_epoch, best_state = state["history"], state["best"], state["best_epoch"], state["best_state"]
         first = len(history)
         log(f"resuming from {state_path} after epoch {first} of {t.epochs}")
-    mos = torch.from_numpy(train_in.mos).to(next(model.quality.parameters()).device)
+    device = next(model.quality.parameters()).device
+    mos = torch.from_numpy(train_in.mos).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bfloat16")
     for epoch in range(first, t.epochs if stop_after is None else min(t.epochs, stop_after)):
         model.train()
         started, losses = time.time(), []
@@ -358,7 +360,9 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
             opt.zero_grad()
             batch_loss = 0.0  # this worker's share of the batch's mean loss
             if len(idx):
-                pred, _ = forward_rows(model, train_in, idx, train=True, generator=aug_gen, drop_prompt=dropped)
+                with autocast:
+                    pred, _ = forward_rows(model, train_in, idx, train=True, generator=aug_gen, drop_prompt=dropped)
+                pred = pred.float()
                 train_pred[idx] = pred.detach().cpu().numpy()
                 loss = training_loss(pred, mos[idx], model.cfg.mos_std, len(batch), t)
                 loss.backward()
