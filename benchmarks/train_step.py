@@ -27,7 +27,7 @@ def main() -> None:
 
     from ma_agiqa import create_model
     from ma_agiqa.checkpoint import load_config
-    from ma_agiqa.training import Inputs, forward_rows, training_loss
+    from ma_agiqa.training import Inputs, forward_precision, forward_rows, training_loss
 
     cfg = load_config(args.model)
     quality = dataclasses.replace(cfg.quality, freeze_backbone=False)
@@ -45,7 +45,7 @@ def main() -> None:
     def step(precision: str) -> float:
         started = time.perf_counter()
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        with forward_precision(torch.device("cpu"), precision):
             pred, _ = forward_rows(model, inputs, idx, train=True, generator=gen)
         training_loss(pred.float(), mos, 1.0, n, model.cfg.train).backward()
         opt.step()

@@ -56,6 +56,8 @@ def _weight(text: str) -> float:
 
 
 def parse_args(argv=None):
+    from ma_agiqa.config import PRECISIONS
+
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="agiqa3k", choices=["agiqa3k", "agiqa1k", "aigciqa2023", "aigiqa20k"],
                    help="the label file's layout (ma_agiqa/datasets.py)")
@@ -101,10 +103,10 @@ def parse_args(argv=None):
                    help="train the backbone's last N stages (a CNN's blocks) and keep the rest frozen, its outputs "
                         "cached: partial fine-tuning at a fraction of a trainable backbone's cost (default: the "
                         "config's, 0)")
-    p.add_argument("--precision", choices=["float32", "bfloat16"], default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="the training forward's precision: bfloat16 runs it under autocast, the weights and the "
-                        "loss float32 (~2.3x faster for a trainable backbone on a CPU with AVX-512 BF16; "
-                        "default: the config's, float32)")
+                        "loss float32 (about 2x faster for a trainable backbone on a CPU with AVX-512 BF16, "
+                        "benchmarks/train_step.py; default: the config's, float32)")
     p.add_argument("--drop-prompt", type=_fraction, default=None,
                    help="expert dropout: the fraction of training images whose prompt expert is marked absent, so "
                         "images scored without a prompt stay on the MOS scale (models with a prompt expert; "

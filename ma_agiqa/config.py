@@ -209,6 +209,9 @@ class MoEConfig:
             raise ValueError(f"duplicate expert names: {names}")
 
 
+PRECISIONS = ("float32", "bfloat16")  # TrainConfig.precision
+
+
 @dataclass
 class TrainConfig:
     """Training defaults; ``ma-agiqa-paper`` carries the reference's."""
@@ -235,9 +238,9 @@ class TrainConfig:
     # ``rank_loss`` a pairwise logistic (RankNet) loss over each batch's pairs of different MOS.
     plcc_loss: float = 0.0
     rank_loss: float = 0.0
-    # The training forward's precision: "bfloat16" runs it under autocast (the loss and the weights stay
-    # float32), 2.3x faster for a trainable EfficientNet on a CPU with AVX-512 BF16, and the usual mixed
-    # precision on a GPU. Validation and scoring stay float32.
+    # The training forward's precision (one of PRECISIONS): "bfloat16" runs it under autocast (the loss and
+    # the weights stay float32), about 2x faster for a trainable EfficientNet on a CPU with AVX-512 BF16
+    # (benchmarks/train_step.py), and the usual mixed precision on a GPU. Validation and scoring stay float32.
     precision: str = "float32"
 
     def __post_init__(self):
@@ -253,8 +256,8 @@ class TrainConfig:
                              f"{self.warmup_epochs} with {self.scheduler}")
         if not (self.plcc_loss >= 0 and self.rank_loss >= 0):  # NaN too
             raise ValueError(f"loss weights must be >= 0, got plcc_loss={self.plcc_loss}, rank_loss={self.rank_loss}")
-        if self.precision not in ("float32", "bfloat16"):
-            raise ValueError(f"precision must be 'float32' or 'bfloat16', got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 LEFT_OUT_AT_DEFAULT = {"quality": {"trainable_stages": 0}, "train": {"precision": "float32"}}

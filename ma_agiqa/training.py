@@ -212,6 +212,12 @@ def predict(model, inputs: Inputs, batch_size: int = 64) -> np.ndarray:
     return np.concatenate([forward_rows(model, inputs, np.arange(i, min(n, i + batch_size)))[0].cpu().numpy() for i in range(0, n, batch_size)])
 
 
+def forward_precision(device: torch.device, precision: str):
+    """The context a training forward runs in: autocast to bfloat16 for ``precision`` "bfloat16" (the
+    weights stay float32), else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+
 def prompt_dropout(n: int, fraction: float, generator: torch.Generator) -> np.ndarray:
     """[n] bool: the rows of a batch whose prompt expert training marks absent (each with probability
     ``fraction``)."""
@@ -343,7 +349,7 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
         log(f"resuming from {state_path} after epoch {first} of {t.epochs}")
     device = next(model.quality.parameters()).device
     mos = torch.from_numpy(train_in.mos).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bfloat16")
+    autocast = forward_precision(device, t.precision)
     for epoch in range(first, t.epochs if stop_after is None else min(t.epochs, stop_after)):
         model.train()
         started, losses = time.time(), []
