@@ -62,10 +62,10 @@ def compare(fns: dict, n_images: int, repeats: int = 5) -> dict:
 def before_style(ex, images):
     """The extractor as it was before issue 15: image first, the processor (images included) once per prompt,
     the model's default use_cache, the image encoding reused across prompts."""
-    from ma_agiqa.images import resize_for_semantic
+    from ma_agiqa.images import shrink
     from ma_agiqa.semantic import pool_hidden
 
-    images = [resize_for_semantic(im, ex.cfg.max_image_side) for im in images]
+    images = [shrink(im, ex.cfg.max_image_side) for im in images]
     out, encoded = {}, None
     for key, prompt in ex.cfg.prompts.items():
         text = ex._render([{"type": "image"}, {"type": "text", "text": prompt}])

@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from jobs import score  # noqa: E402
 from ma_agiqa.pipeline import AssignIds, FetchDecode, ScoreImages, WriteParts  # noqa: E402
-from ma_agiqa.storage import read_manifest_table  # noqa: E402
+from ma_agiqa.manifests import read_manifest_table  # noqa: E402
 
 DATA = Path(os.environ.get("MA_AGIQA_AGIQA3K", ROOT.parent / "shared/datasets/agiqa3k"))
 ROWS_PER_FILE = 5000  # the job's default --rows-per-file

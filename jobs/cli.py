@@ -8,7 +8,7 @@ import sys
 from typing import Callable
 
 from ma_agiqa.curation import CurationError
-from ma_agiqa.storage import ManifestError
+from ma_agiqa.manifests import ManifestError
 
 USER_ERRORS: tuple[type[Exception], ...] = (CurationError, ManifestError)
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from jobs.cli import USER_ERRORS, run_and_report
 from ma_agiqa.curation import scan
 from ma_agiqa.score_table import current_rows_sql
-from ma_agiqa.storage import count_rows, duckdb_connection, part_uris, write_part_atomically
+from ma_agiqa.table_files import count_rows, duckdb_connection, part_uris, write_part_atomically
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -36,17 +36,10 @@ from ma_agiqa.pipeline import (
     summarise,
 )
 from ma_agiqa.score_table import resume_plan
-from ma_agiqa.storage import (
-    DEFAULT_MAX_BYTES,
-    ManifestError,
-    count_rows,
-    expand_manifest,
-    join_uri,
-    list_parts,
-    read_manifest_file,
-    redact,
-    write_json,
-)
+from ma_agiqa.fetch import DEFAULT_MAX_BYTES
+from ma_agiqa.manifests import ManifestError, expand_manifest, read_manifest_file
+from ma_agiqa.table_files import count_rows, list_parts, write_json
+from ma_agiqa.uris import join_uri, redact
 
 log = logging.getLogger("jobs.score")
 SUMMARY_FILE = "_summary.json"

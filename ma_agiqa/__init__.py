@@ -14,7 +14,7 @@ _EXPORTS = {
     "ImageError": "images",
     "QualityViews": "config",
     "decode_image": "images",
-    "quality_views": "images",
+    "quality_views": "preprocess",
     "get_config": "registry",
     "list_models": "registry",
     "register_model": "registry",

@@ -21,6 +21,7 @@ from typing import Iterable
 
 from .config import ModelConfig
 from .registry import get_config
+from .uris import is_remote
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -69,10 +70,6 @@ def shipped_checkpoint(name: str) -> Path | None:
     """Trained heads shipped inside the package (``ma_agiqa/checkpoints/<name>``), if any."""
     path = Path(__file__).parent / "checkpoints" / name
     return path if (path / CONFIG_FILE).is_file() else None
-
-
-def is_remote(name_or_dir) -> bool:
-    return "://" in str(name_or_dir) and not str(name_or_dir).startswith("file://")
 
 
 def directory_of(name_or_dir: str | os.PathLike) -> Path | None:

@@ -37,6 +37,9 @@ class QualityViews:
             raise ValueError("num_crops must be >= 1")
 
 
+# Images are shrunk to this longer side before the MLLM's processor, which resizes them anyway.
+MAX_IMAGE_SIDE = 1024
+
 COHERENCE_PROMPT = "Evaluate if the image quality is compromised due to violations of coherence."
 SEMANTIC_PROMPT = (
     "Evaluate the input image to determine if its quality is compromised due to a lack of meaningful "
@@ -59,7 +62,7 @@ class SemanticConfig:
     )
     pooling: str = "mean"  # "mean" over all tokens (the reference) or "last" token
     revision: str | None = None
-    max_image_side: int = 1024  # images are shrunk to this before the processor (which resizes anyway)
+    max_image_side: int = MAX_IMAGE_SIDE  # images are shrunk to this before the processor (which resizes anyway)
     # "question-first" (the reference: "question\n<image>", so the image tokens attend to the question) or
     # "image-first" (most chat templates' layout: the image tokens are then the same for every question)
     prompt_order: str = "question-first"

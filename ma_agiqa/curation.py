@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from .schema import CURRENT_ROW_ORDER, STATUS_OK, gate_column
-from .storage import (
-    duckdb_connection, expand_manifest, join_uri, register_filesystems, remove_tree, write_json,
-    write_part_atomically,
-)
+from .manifests import expand_manifest
+from .table_files import duckdb_connection, register_filesystems, remove_tree, write_json, write_part_atomically
+from .uris import join_uri
 
 KEPT_DIR, REJECTED_DIR, GROUPS_FILE, SUMMARY_FILE = "kept", "rejected", "groups.parquet", "_summary.json"
 META_PREFIX = "meta_"
@@ -286,7 +285,7 @@ def curated_sql(p: Plan, model: str | None) -> str:
     )
     ctes = [f"scores AS ({scores})"]
     if p.metadata:
-        if p.derive_key:  # the manifest's own id, else the hash of its uri (storage.stable_id)
+        if p.derive_key:  # the manifest's own id, else the hash of its uri (manifests.stable_id)
             id_expr = "CAST(id AS VARCHAR)" if "id" in p.metadata_columns else "NULL"
             key_expr = f"coalesce({id_expr}, substr(sha1(CAST(uri AS VARCHAR)), 1, 20))"
         else:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from .config import MAX_IMAGE_SIDE
+from .images import shrink
+
 
 def fill_colour(image_mean) -> tuple[int, int, int]:
     """The reference's padding colour: the image processor's mean as 0-255 integers, truncated as it does."""
@@ -45,15 +48,6 @@ def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Imag
     out = Image.new(img.mode, (side, side), fill)
     out.paste(img, ((side - w) // 2, (side - h) // 2))
     return out
-
-
-def shrink(img: Image.Image, max_side: int) -> Image.Image:
-    """Very large images shrunk (bicubic) so that their longer side is ``max_side``."""
-    w, h = img.size
-    if max(w, h) <= max_side:
-        return img
-    scale = max_side / max(w, h)
-    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
 
 
 def image_processor_settings(model_id: str, base_dir: str | None = None, revision: str | None = None) -> dict:
@@ -95,7 +89,7 @@ class Framing:
     pad: bool
     fill: tuple[int, int, int]
     side: int | None
-    max_side: int = 1024
+    max_side: int = MAX_IMAGE_SIDE
 
     def __call__(self, img: Image.Image) -> Image.Image:
         if img.mode != "RGB":

@@ -32,7 +32,7 @@ from .checkpoint import (
     load_config,
 )
 from .config import ModelConfig
-from .images import quality_views
+from .preprocess import quality_views
 from .maniqa import MANIQA
 from .moe import MoEHead
 from .prompt_encoder import PromptEncoder

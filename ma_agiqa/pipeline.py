@@ -25,9 +25,10 @@ import pyarrow.compute as pc
 
 from .errors import DEFAULT_MAX_PIXELS, ImageError, error_kind
 from .schema import STATUS_ERROR, STATUS_OK, feature_column, gate_column, score_schema
-from .storage import (
-    DEFAULT_MAX_BYTES, REMOTE_SCHEMES, Fetcher, redact_text, resolve_image_uri, scheme_of, stable_id, write_part_atomically,
-)
+from .fetch import DEFAULT_MAX_BYTES, Fetcher
+from .manifests import stable_id
+from .table_files import write_part_atomically
+from .uris import REMOTE_SCHEMES, redact_text, resolve_image_uri, scheme_of
 
 # Columns the steps add for each other; none reaches the score table.
 PIXELS = "_quality_pixels"
@@ -124,7 +125,8 @@ class FetchDecode:
             return None, f"{e.kind}: {e.message}"
 
     def _one(self, uri):
-        from .images import decode_image, quality_pixels, resize_for_semantic
+        from .images import decode_image, shrink
+        from .preprocess import quality_pixels
 
         try:
             data = self.fetcher.fetch(uri)
@@ -136,7 +138,7 @@ class FetchDecode:
                 sem = None
                 if self.spec.semantic_prompts:
                     framing = self.spec.semantic_framing
-                    small = framing(img) if framing is not None else resize_for_semantic(img, self.spec.semantic_max_side)
+                    small = framing(img) if framing is not None else shrink(img, self.spec.semantic_max_side)
                     sem = (np.asarray(small, dtype=np.uint8).tobytes(), small.size[1], small.size[0])
             return (width, height, pixels, sem), None
         except ImageError as e:
@@ -265,7 +267,7 @@ class ScoreRows:
     def _score(self, table: pa.Table, rows: np.ndarray):
         import torch
 
-        from .images import normalize
+        from .preprocess import normalize
 
         pix = table[PIXELS]
         views = np.stack([np.frombuffer(pix[i].as_py(), np.uint8).reshape(self.views_shape) for i in rows])

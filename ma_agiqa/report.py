@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from .curation import CurationError, curated_sql, plan, quote, select_model
 from .images import ImageError, decode_image
-from .storage import Fetcher, duckdb_connection, resolve_image_uri
+from .fetch import Fetcher
+from .table_files import duckdb_connection
+from .uris import resolve_image_uri
 
 NOT_GROUPS = {"image_id", "uri", "status", "error", "scored_at", "width", "height", "score"}
 MAX_GROUP_VALUES = 40  # a column with more distinct values (prompts, seeds) is not a box-plot grouping

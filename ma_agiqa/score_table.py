@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from .errors import TRANSIENT_KINDS
 from .schema import CURRENT_ROW_KEY, CURRENT_ROW_ORDER, STATUS_OK
-from .storage import duckdb_connection, part_uris
+from .table_files import duckdb_connection, part_uris
 
 
 def current_rows_sql(relation: str, columns: str = "*", tiebreak: str = "") -> str:

@@ -25,10 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .images import augment, decode_image, normalize, quality_pixels
+from .images import decode_image
+from .preprocess import augment, normalize, quality_pixels
 from .metrics import iqa_metrics
 from .schema import feature_column
-from .storage import Fetcher
+from .fetch import Fetcher
 from .tiny import cache_dir
 
 
@@ -112,7 +113,7 @@ def semantic_features(model_ref: str, cfg, df: pd.DataFrame, root: Path, address
     base = checkpoint_dir(model_ref)
     weights = fingerprint(cfg.semantic.model_id, str(base) if base else None, cfg.semantic.revision)
     directory = root / "semantic" / f"{cfg.semantic.prompt_hash()}-{weights}"
-    from .storage import read_column
+    from .table_files import read_column
 
     have = set(read_column(str(directory), "image_id").to_pylist())
     todo = df[~df["image_id"].isin(have)]

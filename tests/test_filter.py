@@ -7,7 +7,7 @@ import pytest
 from helpers import T0, read_table, write_scores
 from jobs import filter as filter_job
 from ma_agiqa.curation import CurationError
-from ma_agiqa.storage import stable_id
+from ma_agiqa.manifests import stable_id
 
 def run(tmp_path, scores, *options, expect_rc=0):
     out = tmp_path / "out"

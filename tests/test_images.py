@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from ma_agiqa.config import QualityViews
-from ma_agiqa.images import ImageError, augment, decode_image, quality_views
+from ma_agiqa.images import ImageError, decode_image
+from ma_agiqa.preprocess import augment, quality_views
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

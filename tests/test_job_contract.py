@@ -23,7 +23,10 @@ from ma_agiqa.errors import ImageError
 from ma_agiqa.pipeline import FetchDecode, JobSpec, ScoreRows, WriteParts, summarise
 from ma_agiqa.schema import score_schema, validate_score_table
 from ma_agiqa.score_table import resume_plan
-from ma_agiqa.storage import Fetcher, read_manifest_file, resolve_image_uri, write_part_atomically
+from ma_agiqa.fetch import Fetcher
+from ma_agiqa.manifests import read_manifest_file
+from ma_agiqa.table_files import write_part_atomically
+from ma_agiqa.uris import resolve_image_uri
 
 EXPERTS = ["coherence", "semantic", "quality"]
 
@@ -141,7 +144,7 @@ def _png(path, size):
 
 
 def test_no_row_can_break_the_batch_it_is_decoded_in(tmp_path, monkeypatch):
-    import ma_agiqa.images as images
+    import ma_agiqa.preprocess as images
 
     good = str(SAMPLE / "images" / "AttnGAN_normal_001.jpg")
     strip = _png(tmp_path / "strip.png", (4000, 3))

@@ -106,7 +106,7 @@ def test_quality_vector_is_one_value_per_patch(tiny_model, agiqa_images):
 
 
 def test_crop_views_average_their_quality_vectors(tiny_model, agiqa_images):
-    from ma_agiqa.images import quality_views
+    from ma_agiqa.preprocess import quality_views
 
     views = quality_views(agiqa_images[0], QualityViews(mode="crops", num_crops=3)).unsqueeze(0)
     with torch.inference_mode():

@@ -312,7 +312,7 @@ def test_resize_without_antialias_is_the_reference_cubic():
     from PIL import Image
 
     from ma_agiqa.config import QualityViews
-    from ma_agiqa.images import quality_pixels
+    from ma_agiqa.preprocess import quality_pixels
 
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
@@ -330,7 +330,7 @@ def test_resize_without_antialias_matches_opencv():
     from PIL import Image
 
     from ma_agiqa.config import QualityViews
-    from ma_agiqa.images import quality_pixels
+    from ma_agiqa.preprocess import quality_pixels
 
     cv2 = pytest.importorskip("cv2")
     rng = np.random.default_rng(0)

@@ -1,0 +1,111 @@
+"""A score table's files: finished Parquet parts, listed, counted, read and published whole; the summary
+JSON beside them; DuckDB reading them through fsspec."""
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .uris import LOCAL_SCHEMES, is_remote, scheme_of
+
+def list_parts(output_uri: str) -> list[str]:
+    """The finished part files of a table, listed afresh (an object store's listing cached by fsspec at the
+    start of a run would miss what the run wrote)."""
+    fs, path = fsspec.core.url_to_fs(output_uri)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return []
+    return sorted(
+        p for p in fs.ls(path, detail=False, refresh=True) if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_"))
+    ) if fs.isdir(path) else []
+
+
+def part_uris(output_uri: str) -> list[str]:
+    """The finished parts as full URIs (with their scheme), for readers outside fsspec such as DuckDB."""
+    scheme = scheme_of(output_uri)
+    return [f"{scheme}://{p}" if is_remote(output_uri) else p for p in list_parts(output_uri)]
+
+
+def count_rows(output_uri: str) -> int:
+    """Rows in every finished part, from the Parquet footers alone."""
+    fs, _ = fsspec.core.url_to_fs(output_uri)
+    total = 0
+    for part in list_parts(output_uri):
+        with fs.open(part, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def read_column(output_uri: str, column: str) -> pa.ChunkedArray:
+    """One column of every finished part file (the ids already scored, say)."""
+    return read_columns(output_uri, [column])[column]
+
+
+def read_columns(output_uri: str, columns: list[str], filters=None) -> pa.Table:
+    """Some columns of every finished part file; an empty string table where there are none yet."""
+    fs, _ = fsspec.core.url_to_fs(output_uri)
+    parts = list_parts(output_uri)
+    if not parts:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    return pq.ParquetDataset(parts, filesystem=fs, filters=filters).read(columns=columns)
+
+
+def write_part_atomically(table: pa.Table, output_uri: str, name: str) -> str:
+    """Write one Parquet part so that it is never visible half-written. The file is serialised in memory
+    first, so a failure while writing it reaches no store; then a hidden temporary file is renamed into place
+    on local disks, and an object store gets one upload, which it publishes only when it completes."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue().to_pybytes()
+    fs, path = fsspec.core.url_to_fs(output_uri)
+    final = posixpath.join(path, name)
+    if is_remote(output_uri):
+        fs.pipe_file(final, data)
+    else:
+        fs.makedirs(path, exist_ok=True)
+        tmp = posixpath.join(path, f".tmp-{uuid.uuid4().hex}-{name}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, final)
+    return final
+
+
+def write_json(obj_text: str, uri: str) -> None:
+    with fsspec.open(uri, "w") as f:
+        f.write(obj_text)
+
+
+def remove_tree(uri: str) -> None:
+    """Removes a file or a directory tree if it exists (a re-run's previous output)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def duckdb_connection(uris=(), memory_limit: str | None = None, temp_dir: str | None = None,
+                      threads: int | None = None):
+    """A DuckDB connection that reads ``uris`` (and any other URI of their schemes) through fsspec, as the
+    scoring job reads them; ``memory_limit`` etc. as DuckDB's settings."""
+    import duckdb
+
+    con = duckdb.connect()
+    for setting, value in (("memory_limit", memory_limit), ("temp_directory", temp_dir), ("threads", threads)):
+        if value is not None:
+            con.execute(f"SET {setting} = " + ("'" + value.replace("'", "''") + "'" if isinstance(value, str) else str(int(value))))
+    register_filesystems(con, uris)
+    return con
+
+
+def register_filesystems(con, uris) -> None:
+    """Registers the fsspec filesystem of each remote scheme in ``uris`` with a DuckDB connection, once."""
+    registered = set(con.list_filesystems())
+    for scheme in sorted({scheme_of(u) for u in uris} - LOCAL_SCHEMES):
+        fs = fsspec.filesystem(scheme)
+        name = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+        if name not in registered:
+            con.register_filesystem(fs)
+            registered.add(name)
