@@ -24,7 +24,7 @@ def current_rows_sql(relation: str, columns: str = "*", tiebreak: str = "") -> s
 def scan_parts(parts: list[str]) -> str:
     from .curation import scan
 
-    return scan(parts, "parquet")
+    return scan(parts)
 
 
 def read_scores(uri: str, model: str | None = None) -> pa.Table:
