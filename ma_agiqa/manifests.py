@@ -57,18 +57,25 @@ def _float_text(v: float | None) -> str | None:
 def image_ids(table: pa.Table) -> pa.Array:
     """The ``image_id`` of each manifest row, the project's one rule: the row's ``id`` as text
     (``id_text``), else ``stable_id`` of its ``uri`` as written, else (a row with neither) ``stable_id`` of
-    the row's content, so that each such row is still one row of the table, counted once."""
+    the row's content, so that each such row is still one row of the table, counted once. An empty id or
+    uri is none (a CSV writes a missing value as an empty field)."""
     n = len(table)
-    given = id_text(table["id"]) if "id" in table.column_names else pa.nulls(n, pa.string())
+    given = _blank_is_null(id_text(table["id"])) if "id" in table.column_names else pa.nulls(n, pa.string())
     if not given.null_count:  # a manifest with ids costs no hashing
         return given
-    uris = id_text(table["uri"]).to_pylist() if "uri" in table.column_names else [None] * n
+    uris = _blank_is_null(id_text(table["uri"])).to_pylist() if "uri" in table.column_names else [None] * n
     ids = given.to_pylist()
     for i, value in enumerate(ids):
         if value is None:
             ids[i] = stable_id(uris[i]) if uris[i] is not None else stable_id(
                 "row:" + json.dumps(table.slice(i, 1).to_pylist()[0], default=str, sort_keys=True))
     return pa.array(ids, pa.string())
+
+
+def _blank_is_null(values: pa.Array) -> pa.Array:
+    import pyarrow.compute as pc
+
+    return pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
 
 
 def check_uris(table: pa.Table, where: str) -> None:
