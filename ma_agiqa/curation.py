@@ -4,7 +4,10 @@ Rules are small classes (as datatrove's filters are): each sees only the rows th
 rejects some of them with its name and a reason, so every rejected row says why. They compile to SQL run by
 DuckDB, an in-process engine that streams Parquet and spills to disk when a table outgrows the memory
 limit: a table larger than memory works on one machine, and a small one takes well under a second, with no
-cluster to start. Object stores are read through the same fsspec filesystems as the scoring job.
+cluster to start. Object stores are read through the same fsspec filesystems as the scoring job. The
+metadata table is read file by file with the scoring job's own manifest reader into a DuckDB table (one
+reader and one image_id rule, ``manifests.image_ids``, for both: a manifest joins by the ids its rows were
+scored under, whatever types its writer chose), so one metadata file must fit in memory, as a manifest must.
 
 Join rules, all reported in the summary and none silent:
 - a score table holding several models' scores must be narrowed to one (``model``): scores of different
@@ -191,31 +194,48 @@ def load_metadata(con, files: list[str], fmt: str, key: str, derive: bool | None
     """Reads a metadata table (Parquet, CSV or JSONL) file by file with the scoring job's manifest reader
     into the DuckDB table ``_metadata`` (which spills to disk past the memory limit), so ids and ``key`` are
     the text the files hold and each row's derived image_id (``_image_id``) is the one the scoring job gave
-    it: one reader and one id rule for both, never DuckDB's own type inference. ``derive``: compute the ids
-    (True), or only for files without ``key`` (None). Returns the table's columns as read."""
+    it: one reader and one id rule for both, never DuckDB's own type inference. Files' columns are unified
+    as the scoring job unifies them (Arrow's permissive promotion: int and float make float). ``derive``:
+    compute the ids (True), or only for files without ``key`` (None). Returns the columns as read."""
     text = tuple(dict.fromkeys((*ID_COLUMNS, key)))
-    columns: dict[str, None] = {}
-    for number, f in enumerate(files):
+    schema = None  # the files' unified Arrow schema so far
+    for f in files:
         table = read_manifest_file(f, fmt, text)
         if derive or (derive is None and key not in table.column_names):
             table = table.append_column(DERIVED_ID, image_ids(table))
         table = table.append_column("_file", pa.array([f] * len(table), pa.string()))
         table = table.append_column("_row", pa.array(range(len(table)), pa.int64()))
-        con.register("_metadata_file", table)
-        if number == 0:
+        try:
+            unified = table.schema if schema is None else pa.unify_schemas([schema, table.schema], promote_options="permissive")
+        except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
+            raise CurationError(f"metadata file {f}: its columns' types differ from the files before it: {str(e)[:300]}") from None
+        stored = pa.schema([pa.field(x.name, pa.string()) if pa.types.is_null(x.type) else x for x in unified])
+        table = table.cast(pa.schema([stored.field(n) for n in table.column_names]))
+        if schema is None:
+            con.register("_metadata_file", table)
             con.execute(f"CREATE TEMP TABLE {METADATA_TABLE} AS SELECT * FROM _metadata_file")
         else:
-            have = {r[0] for r in con.execute(f"DESCRIBE {METADATA_TABLE}").fetchall()}
-            for name, typ in con.execute("DESCRIBE _metadata_file").fetchall():
-                if name not in have:  # a column this file adds: null in the files before it
-                    con.execute(f"ALTER TABLE {METADATA_TABLE} ADD COLUMN {quote(name)} {typ}")
-            try:
-                con.execute(f"INSERT INTO {METADATA_TABLE} BY NAME SELECT * FROM _metadata_file")
-            except Exception as e:  # noqa: BLE001 - DuckDB's conversion error names the column and value
-                raise CurationError(f"metadata file {f} does not fit the files before it: {str(e)[:300]}") from None
+            old = pa.schema([pa.field(x.name, pa.string()) if pa.types.is_null(x.type) else x for x in schema])
+            new_types = _duckdb_types(con, stored)
+            for field_ in stored:
+                if field_.name not in old.names:  # a column this file adds: null in the files before it
+                    con.execute(f"ALTER TABLE {METADATA_TABLE} ADD COLUMN {quote(field_.name)} {new_types[field_.name]}")
+                elif not old.field(field_.name).type.equals(field_.type):  # promoted (null -> int, int -> float)
+                    con.execute(f"ALTER TABLE {METADATA_TABLE} ALTER COLUMN {quote(field_.name)} TYPE {new_types[field_.name]}")
+            con.register("_metadata_file", table)
+            con.execute(f"INSERT INTO {METADATA_TABLE} BY NAME SELECT * FROM _metadata_file")
         con.unregister("_metadata_file")
-        columns.update(dict.fromkeys(c for c in table.column_names if c not in INTERNAL_METADATA_COLUMNS))
-    return list(columns)
+        schema = unified
+    return [n for n in schema.names if n not in INTERNAL_METADATA_COLUMNS]
+
+
+def _duckdb_types(con, schema: pa.Schema) -> dict[str, str]:
+    """DuckDB's name for each Arrow column type of ``schema``."""
+    con.register("_metadata_schema", schema.empty_table())
+    try:
+        return {name: typ for name, typ, *_ in con.execute("DESCRIBE _metadata_schema").fetchall()}
+    finally:
+        con.unregister("_metadata_schema")
 
 
 @dataclass

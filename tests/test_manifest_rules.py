@@ -271,3 +271,18 @@ def test_count_rows_reads_every_footer_on_s3(tmp_path, s3_server):
     fs.pipe("counts/t/_summary.json", b"{}")
     assert count_rows("s3://counts/t", threads=4) == sum(sizes)
     assert count_rows("s3://counts/none") == 0
+
+
+def test_metadata_files_unify_their_columns_as_the_scorer_does(tmp_path):
+    """Metadata in several files is joined whole: a column one file lacks or holds only nulls in is null
+    there, an int column another file writes as float becomes float (1 stays 1.0, 2.5 is not rounded)."""
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "a.jsonl").write_text('{"id": "a", "uri": "a.jpg", "note": null, "w": 1}\n')
+    (meta / "b.jsonl").write_text('{"id": "b", "uri": "b.jpg", "w": 2.5, "extra": "e"}\n{"id": "c", "uri": "c.jpg", "note": "n"}\n')
+    scores = write_table(tmp_path / "s", [(i, "ok", None, T0, f"{i}.jpg") for i in "abc"])
+    assert filter_job.main(["--scores", scores, "--output", str(tmp_path / "o"), "--metadata", str(meta)]) == 0
+    kept = {r["image_id"]: (r["w"], r["note"], r["extra"]) for r in read_table(str(tmp_path / "o" / "kept")).to_pylist()}
+    assert kept == {"a": (1.0, None, None), "b": (2.5, None, "e"), "c": (None, "n", None)}
+    (meta / "c.jsonl").write_text('{"id": "d", "uri": "d.jpg", "w": "heavy"}\n')
+    assert filter_job.main(["--scores", scores, "--output", str(tmp_path / "o"), "--metadata", str(meta)]) == 2
