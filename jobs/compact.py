@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def current_positions(parts: list[str], memory_limit: str | None = None) -> pa.Table:
     """(_file, _row) of each current row. Only the key and ordering columns are read here; the rows
     themselves are copied by pyarrow, so every column keeps its exact type (float16 features included)."""
-    relation = scan(parts, "parquet", row_order=True)
+    relation = scan(parts, row_order=True)
     sql = current_rows_sql(relation, columns="_file, _row", tiebreak="_file, _row") + " ORDER BY _file, _row"
     return duckdb_connection(parts, memory_limit=memory_limit).execute(sql).to_arrow_table()
 

@@ -4,7 +4,10 @@ Rules are small classes (as datatrove's filters are): each sees only the rows th
 rejects some of them with its name and a reason, so every rejected row says why. They compile to SQL run by
 DuckDB, an in-process engine that streams Parquet and spills to disk when a table outgrows the memory
 limit: a table larger than memory works on one machine, and a small one takes well under a second, with no
-cluster to start. Object stores are read through the same fsspec filesystems as the scoring job.
+cluster to start. Object stores are read through the same fsspec filesystems as the scoring job. The
+metadata table is read file by file with the scoring job's own manifest reader into a DuckDB table (one
+reader and one image_id rule, ``manifests.image_ids``, for both: a manifest joins by the ids its rows were
+scored under, whatever types its writer chose), so one metadata file must fit in memory, as a manifest must.
 
 Join rules, all reported in the summary and none silent:
 - a score table holding several models' scores must be narrowed to one (``model``): scores of different
@@ -27,8 +30,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from .schema import CURRENT_ROW_ORDER, STATUS_OK, gate_column
-from .manifests import expand_manifest
-from .table_files import duckdb_connection, register_filesystems, remove_tree, write_json, write_part_atomically
+from .manifests import ID_COLUMNS, expand_manifest, image_ids, read_manifest_file
+from .table_files import duckdb_connection, duckdb_path, register_filesystems, remove_tree, write_json, write_part_atomically
 from .uris import join_uri
 
 KEPT_DIR, REJECTED_DIR, GROUPS_FILE, SUMMARY_FILE = "kept", "rejected", "groups.parquet", "_summary.json"
@@ -173,21 +176,66 @@ def build_rules(
 
 
 # -- reading -------------------------------------------------------------------------------------------------
-def scan(files: list[str], fmt: str, row_order: bool = False, strings: tuple[str, ...] = ()) -> str:
-    """SQL that reads a list of Parquet/CSV/JSONL files (``row_order`` adds _file, _row: file order);
-    ``strings``: CSV columns read as text, as written (ids: ``001`` stays ``001``)."""
-    listed = "[" + ", ".join(literal(f) for f in files) + "]"
-    if fmt == "parquet":
-        extra = ", filename = '_file', file_row_number = true" if row_order else ""
-        sql = f"read_parquet({listed}, union_by_name = true{extra})"
-        return f"(SELECT * RENAME (file_row_number AS _row) FROM {sql})" if row_order else sql
-    reader = "read_csv" if fmt == "csv" else "read_json"
-    opts = "union_by_name = true" + (", format = 'newline_delimited'" if fmt == "json" else "")
-    if fmt == "csv" and strings:
-        opts += ", types = {" + ", ".join(f"{literal(c)}: 'VARCHAR'" for c in strings) + "}"
-    sql = f"{reader}({listed}, {opts}{', filename = ' + literal('_file') if row_order else ''})"
-    # DuckDB keeps insertion order, so a row number over a scan is the file order.
-    return f"(SELECT *, row_number() OVER () AS _row FROM {sql})" if row_order else sql
+def scan(files: list[str], row_order: bool = False) -> str:
+    """SQL that reads a list of Parquet files (a score table's parts), each by its own name (glob characters
+    in it escaped); ``row_order`` adds _file, _row: file order. Metadata in other formats: load_metadata."""
+    listed = "[" + ", ".join(literal(duckdb_path(f)) for f in files) + "]"
+    extra = ", filename = '_file', file_row_number = true" if row_order else ""
+    sql = f"read_parquet({listed}, union_by_name = true{extra})"
+    return f"(SELECT * RENAME (file_row_number AS _row) FROM {sql})" if row_order else sql
+
+
+METADATA_TABLE = "_metadata"
+DERIVED_ID = "_image_id"  # in METADATA_TABLE: each row's image_id by manifests.image_ids
+INTERNAL_METADATA_COLUMNS = ("_file", "_row", DERIVED_ID)
+
+
+def load_metadata(con, files: list[str], fmt: str, key: str, derive: bool | None) -> list[str]:
+    """Reads a metadata table (Parquet, CSV or JSONL) file by file with the scoring job's manifest reader
+    into the DuckDB table ``_metadata`` (which spills to disk past the memory limit), so ids and ``key`` are
+    the text the files hold and each row's derived image_id (``_image_id``) is the one the scoring job gave
+    it: one reader and one id rule for both, never DuckDB's own type inference. Files' columns are unified
+    as the scoring job unifies them (Arrow's permissive promotion: int and float make float). ``derive``:
+    compute the ids (True), or only for files without ``key`` (None). Returns the columns as read."""
+    text = tuple(dict.fromkeys((*ID_COLUMNS, key)))
+    schema = None  # the files' unified Arrow schema so far
+    for f in files:
+        table = read_manifest_file(f, fmt, text)
+        if derive or (derive is None and key not in table.column_names):
+            table = table.append_column(DERIVED_ID, image_ids(table))
+        table = table.append_column("_file", pa.array([f] * len(table), pa.string()))
+        table = table.append_column("_row", pa.array(range(len(table)), pa.int64()))
+        try:
+            unified = table.schema if schema is None else pa.unify_schemas([schema, table.schema], promote_options="permissive")
+        except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
+            raise CurationError(f"metadata file {f}: its columns' types differ from the files before it: {str(e)[:300]}") from None
+        stored = pa.schema([pa.field(x.name, pa.string()) if pa.types.is_null(x.type) else x for x in unified])
+        table = table.cast(pa.schema([stored.field(n) for n in table.column_names]))
+        if schema is None:
+            con.register("_metadata_file", table)
+            con.execute(f"CREATE TEMP TABLE {METADATA_TABLE} AS SELECT * FROM _metadata_file")
+        else:
+            old = pa.schema([pa.field(x.name, pa.string()) if pa.types.is_null(x.type) else x for x in schema])
+            new_types = _duckdb_types(con, stored)
+            for field_ in stored:
+                if field_.name not in old.names:  # a column this file adds: null in the files before it
+                    con.execute(f"ALTER TABLE {METADATA_TABLE} ADD COLUMN {quote(field_.name)} {new_types[field_.name]}")
+                elif not old.field(field_.name).type.equals(field_.type):  # promoted (null -> int, int -> float)
+                    con.execute(f"ALTER TABLE {METADATA_TABLE} ALTER COLUMN {quote(field_.name)} TYPE {new_types[field_.name]}")
+            con.register("_metadata_file", table)
+            con.execute(f"INSERT INTO {METADATA_TABLE} BY NAME SELECT * FROM _metadata_file")
+        con.unregister("_metadata_file")
+        schema = unified
+    return [n for n in schema.names if n not in INTERNAL_METADATA_COLUMNS]
+
+
+def _duckdb_types(con, schema: pa.Schema) -> dict[str, str]:
+    """DuckDB's name for each Arrow column type of ``schema``."""
+    con.register("_metadata_schema", schema.empty_table())
+    try:
+        return {name: typ for name, typ, *_ in con.execute("DESCRIBE _metadata_schema").fetchall()}
+    finally:
+        con.unregister("_metadata_schema")
 
 
 @dataclass
@@ -202,7 +250,6 @@ class Plan:
     unmatched_scores: str = "reject"  # "reject" | "ignore"
     score_columns: list[str] = field(default_factory=list)
     metadata_columns: list[str] = field(default_factory=list)  # as read
-    metadata_strings: tuple[str, ...] = ()  # key columns read as text
     renamed: dict[str, str] = field(default_factory=dict)  # metadata column -> its name in the output
     derive_key: bool = False  # the metadata is a manifest: derive image_id from id / uri as the scoring job does
     score_files: list[str] = field(default_factory=list)
@@ -228,22 +275,20 @@ def plan(con, scores: str, rules: list, model: str | None = None, metadata: str 
     if fmt != "parquet":
         raise CurationError(f"score table {scores} must be Parquet (it holds {fmt} files)")
     register_filesystems(con, p.score_files)
-    p.score_columns = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {scan(p.score_files, 'parquet')}").fetchall()]
+    p.score_columns = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {scan(p.score_files)}").fetchall()]
     if p.on[0] not in p.score_columns:
         raise CurationError(f"the score table has no column {p.on[0]!r} to join on (columns: {', '.join(p.score_columns)})")
     available = set(p.score_columns)
     if metadata:
         p.metadata_files, p.metadata_format = expand_manifest(metadata)
-        register_filesystems(con, p.metadata_files)
-        p.metadata_columns = [r[0] for r in con.execute(
-            f"DESCRIBE SELECT * FROM {scan(p.metadata_files, p.metadata_format)}").fetchall()]
+        derive = True if metadata_is_manifest else (None if p.on[0] == "image_id" else False)
+        p.metadata_columns = load_metadata(con, p.metadata_files, p.metadata_format, p.on[1], derive)
         if metadata_is_manifest or p.on[1] not in p.metadata_columns:
             if p.on[0] == "image_id" and "uri" in p.metadata_columns:
                 p.derive_key = True
             else:
                 raise CurationError(
                     f"the metadata has no column {p.on[1]!r} to join on (columns: {', '.join(p.metadata_columns)})")
-        p.metadata_strings = tuple(c for c in dict.fromkeys(("id", "uri", p.on[1])) if c in p.metadata_columns)
         for c in p.metadata_columns:
             if c == p.on[1] and not p.derive_key:
                 continue
@@ -261,7 +306,7 @@ def plan(con, scores: str, rules: list, model: str | None = None, metadata: str 
 def select_model(con, p: Plan) -> tuple[str | None, dict[str, int]]:
     """The model whose scores are curated: ``p.model`` (a full ``name@hash`` or a config name that names
     one), or the only model in the table. Several models and no choice is an error."""
-    table = scan(p.score_files, "parquet")
+    table = scan(p.score_files)
     counts = dict(con.execute(f"SELECT model, count(*) FROM {table} GROUP BY model ORDER BY model").fetchall())
     if p.model is None:
         if len(counts) > 1:
@@ -280,21 +325,20 @@ def curated_sql(p: Plan, model: str | None) -> str:
     key, meta_key = p.on
     scores = (
         f"SELECT *, row_number() OVER (PARTITION BY {quote(key)} ORDER BY {CURRENT_ROW_ORDER}) AS _dup "
-        f"FROM {scan(p.score_files, 'parquet')}"
+        f"FROM {scan(p.score_files)}"
         + (f" WHERE model = {literal(model)}" if model is not None else "")
     )
     ctes = [f"scores AS ({scores})"]
     if p.metadata:
-        if p.derive_key:  # the manifest's own id, else the hash of its uri (manifests.stable_id)
-            id_expr = "CAST(id AS VARCHAR)" if "id" in p.metadata_columns else "NULL"
-            key_expr = f"coalesce({id_expr}, substr(sha1(CAST(uri AS VARCHAR)), 1, 20))"
+        if p.derive_key:  # each row's image_id as the scoring job derived it (manifests.image_ids)
+            key_expr = DERIVED_ID
         else:
             key_expr = f"CAST({quote(meta_key)} AS VARCHAR)"
         cols = ", ".join(f"{quote(c)} AS {quote(new)}" for c, new in p.renamed.items())
         ctes.append(
             f"meta AS (SELECT {key_expr} AS _key, {cols + ', ' if cols else ''}"
             f"row_number() OVER (PARTITION BY {key_expr} ORDER BY _file, _row) AS _mdup "
-            f"FROM {scan(p.metadata_files, p.metadata_format, row_order=True, strings=p.metadata_strings)})"
+            f"FROM {METADATA_TABLE})"
         )
         meta_cols = ", ".join(f"m.{quote(new)}" for new in p.renamed.values())
         meta_cols = ", " + meta_cols if meta_cols else ""
@@ -401,13 +445,13 @@ def run_filter(
 def _join_report(con, p: Plan, model: str | None) -> dict:
     one = lambda sql: con.execute(sql).fetchall()[0][0]  # noqa: E731 - fetchall finishes the result
     report = {
-        "score_rows_of_model": one(f"SELECT count(*) FROM {scan(p.score_files, 'parquet')}"
+        "score_rows_of_model": one(f"SELECT count(*) FROM {scan(p.score_files)}"
                                    + (f" WHERE model = {literal(model)}" if model is not None else "")),
         "duplicate_score_rows": one("SELECT count(*) FROM curated WHERE _rejected_by = 'duplicate_score'"),
     }
     if p.metadata:
         report.update(
-            metadata_rows=one(f"SELECT count(*) FROM {scan(p.metadata_files, p.metadata_format)}"),
+            metadata_rows=one(f"SELECT count(*) FROM {METADATA_TABLE}"),
             key="derived from the manifest's id / uri" if p.derive_key else f"{p.on[0]} = metadata.{p.on[1]}",
             scores_without_metadata=one("SELECT count(*) FROM curated WHERE _rejected_by = 'no_metadata'"),
             metadata_without_score=one("SELECT count(*) FROM curated WHERE _rejected_by = 'no_score'"),

@@ -74,6 +74,8 @@ def validate_score_table(table: pa.Table, experts: list[str]) -> None:
 # The table's one rule for its current rows. A run writes an image_id again only to retry its error row, so a
 # table can hold superseded rows (and, for a moment during compaction, copies): per (image_id, model) the
 # current row is the ok one, else the latest. Every reader (the job's resume, jobs.filter, jobs.report,
-# ma_agiqa.read_scores) orders by this and takes the first row.
-CURRENT_ROW_ORDER = f"(status = '{STATUS_OK}') DESC, scored_at DESC, uri"
+# ma_agiqa.read_scores) orders by this and takes the first row. ``error`` last: two error rows of one
+# instant and uri are still ordered, so resume (which retries by the current row's error kind) and the readers
+# pick the same one.
+CURRENT_ROW_ORDER = f"(status = '{STATUS_OK}') DESC, scored_at DESC, uri, error"
 CURRENT_ROW_KEY = ("image_id", "model")

@@ -24,7 +24,7 @@ def current_rows_sql(relation: str, columns: str = "*", tiebreak: str = "") -> s
 def scan_parts(parts: list[str]) -> str:
     from .curation import scan
 
-    return scan(parts, "parquet")
+    return scan(parts)
 
 
 def read_scores(uri: str, model: str | None = None) -> pa.Table:
@@ -48,8 +48,9 @@ def resume_plan(output_uri: str, model_id: str, ids: pa.ChunkedArray | pa.Array,
     """Which manifest rows the table already holds a final row for: (a bool mask over ``ids``, how many of the
     ``wanted`` rows have an error row that this run scores again).
 
-    An id's row is final when it is ok, or an error of a permanent kind (any kind with ``retry_errors`` is
-    scored again; transient ones, TRANSIENT_KINDS, always are). An anti-join on DuckDB: the table's parts are
+    An id's current row (the one ``read_scores`` returns: ``current_rows_sql``) is final when it is ok, or an
+    error of a permanent kind (any kind with ``retry_errors`` is scored again; transient ones,
+    TRANSIENT_KINDS, always are). An anti-join on DuckDB: the table's parts are
     streamed, narrowed to this model and to the manifest's ids, and never held by the caller."""
     from .curation import literal
 
@@ -63,16 +64,13 @@ def resume_plan(output_uri: str, model_id: str, ids: pa.ChunkedArray | pa.Array,
     con = duckdb_connection(parts)
     con.register("manifest", manifest)
     transient = ", ".join(literal(k) for k in sorted(TRANSIENT_KINDS))
-    again = "TRUE" if retry_errors else f"split_part(last_error, ':', 1) IN ({transient})"
+    again = "TRUE" if retry_errors else f"split_part(error, ':', 1) IN ({transient})"
+    rows = (f"(SELECT image_id, model, uri, status, error, scored_at FROM {scan_parts(parts)} "
+            f"WHERE model = {literal(model_id)} AND image_id IN (SELECT image_id FROM manifest))")
     result = con.execute(f"""
-        WITH rows AS (
-            SELECT image_id, status, error, scored_at FROM {scan_parts(parts)}
-            WHERE model = {literal(model_id)} AND image_id IN (SELECT image_id FROM manifest)),
-        latest AS (
-            SELECT image_id, bool_or(status = '{STATUS_OK}') AS any_ok, arg_max(error, scored_at) AS last_error
-            FROM rows GROUP BY image_id)
-        SELECT m.pos, (l.any_ok OR NOT ({again})) AS final
-        FROM manifest m JOIN latest l USING (image_id)""").to_arrow_table()
+        WITH current AS ({current_rows_sql(rows)})
+        SELECT m.pos, (c.status = '{STATUS_OK}' OR NOT ({again})) AS final
+        FROM manifest m JOIN current c USING (image_id)""").to_arrow_table()
     pos = result["pos"].to_numpy()
     final = result["final"].to_numpy(zero_copy_only=False).astype(bool)
     done[pos[final]] = True

@@ -6,6 +6,7 @@ import functools
 import os
 import posixpath
 import re
+import urllib.parse
 
 from .errors import ImageError
 
@@ -19,9 +20,12 @@ def scheme_of(uri: str) -> str:
 
 
 def redact(uri) -> str:
-    """A URI fit for logs and error messages: without its query string and fragment, where pre-signed URLs
-    carry their credentials, and without a user:password@ part."""
+    """A URI fit for logs and error messages: a URL of a store or server (s3://, https://) without its query
+    string and fragment, where pre-signed URLs carry their credentials, and without a user:password@ part.
+    A local path or file:// URI is shown whole: ``?`` and ``#`` are characters of its file names."""
     text = str(uri)
+    if not is_remote(text):
+        return text
     for sep in ("?", "#"):
         text = text.split(sep, 1)[0]
     if "://" in text:
@@ -46,18 +50,17 @@ def resolve_image_uri(uri, image_root: str | None, allow_outside_root: bool = Fa
     if image_root is None:
         if scheme in REMOTE_SCHEMES:
             return uri
-        path = uri.split("://", 1)[1] if scheme else uri
-        return os.path.abspath(path)
+        return os.path.abspath(local_path(uri))
     root_scheme = scheme_of(image_root)
     root_remote = root_scheme in REMOTE_SCHEMES
     absolute = bool(scheme) or uri.startswith("/")
     if absolute and allow_outside_root:
-        return uri if scheme in REMOTE_SCHEMES else os.path.abspath(uri.split("://", 1)[1] if scheme else uri)
+        return uri if scheme in REMOTE_SCHEMES else os.path.abspath(local_path(uri))
     if scheme in REMOTE_SCHEMES:
         if not root_remote or scheme != root_scheme or not _under(_key(uri), _key(image_root)):
             raise ImageError("escapes_root", f"{redact(uri)!r} lies outside the image root")
         return uri
-    path = uri.split("://", 1)[1] if scheme else uri
+    path = local_path(uri)
     if root_remote:
         if absolute:
             raise ImageError("escapes_root", f"{redact(uri)!r} lies outside the image root")
@@ -65,7 +68,7 @@ def resolve_image_uri(uri, image_root: str | None, allow_outside_root: bool = Fa
         if not _under(full, _key(image_root)):
             raise ImageError("escapes_root", f"{redact(uri)!r} resolves outside the image root")
         return f"{root_scheme}://{full}"
-    root_path = _real_dir(image_root.split("://", 1)[1] if root_scheme else image_root)
+    root_path = _real_dir(local_path(image_root))
     full = os.path.normpath(os.path.join(root_path, path))
     if _under(full, root_path):  # then follow symlinks: the directory's (cached), then the file's own
         parent, name = os.path.split(full)
@@ -75,6 +78,16 @@ def resolve_image_uri(uri, image_root: str | None, allow_outside_root: bool = Fa
     if not _under(full, root_path):
         raise ImageError("escapes_root", f"{redact(uri)!r} resolves outside the image root")
     return full
+
+
+def local_path(uri: str) -> str:
+    """The path of a local URI: a plain path as written (``a%20b.jpg`` is a file of that name), a file://
+    URI percent-decoded as ``Path.as_uri()`` encodes it (``file:///data/a%20b.jpg`` -> ``/data/a b.jpg``)."""
+    scheme = scheme_of(uri)
+    if not scheme:
+        return uri
+    path = uri.split("://", 1)[1]
+    return urllib.parse.unquote(path) if scheme == "file" else path
 
 
 @functools.lru_cache(maxsize=65536)
@@ -93,11 +106,12 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-_QUERY = re.compile(r"(\w+://[^\s?#'\"]*)[?#][^\s'\"]*")
+_QUERY = re.compile(r"(\b(?!(?:file|local)://)\w+://[^\s?#'\"]*)[?#][^\s'\"]*")
 
 
 def redact_text(text: str) -> str:
-    """Every URL inside a message without its query string (a store's error may quote the URL it was given)."""
+    """Every URL inside a message without its query string (a store's error may quote the URL it was given);
+    file:// URIs are left whole, as ``redact`` leaves them."""
     return _QUERY.sub(r"\1", text)
 
 

@@ -69,7 +69,8 @@ def test_resume_counts_only_the_same_models_rows(tmp_path):
     out.mkdir()
     t = datetime(2026, 1, 1, tzinfo=timezone.utc)
     pq.write_table(pa.table({"image_id": ["a", "b", "a"], "model": ["m@1", "m@1", "n@2"], "status": ["ok", "ok", "ok"],
-                             "error": pa.array([None] * 3, pa.string()), "scored_at": [t] * 3}), out / "part-x.parquet")
+                             "error": pa.array([None] * 3, pa.string()), "scored_at": [t] * 3,
+                             "uri": pa.array([None] * 3, pa.string())}), out / "part-x.parquet")
     ids = pa.array(["a", "b", "c"])
     assert resume_plan(str(out), "m@1", ids)[0].tolist() == [True, True, False]
     assert resume_plan(str(out), "n@2", ids)[0].tolist() == [True, False, False]

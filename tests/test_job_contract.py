@@ -252,13 +252,16 @@ def test_the_image_root_confines_symlinks_and_remote_uris(tmp_path):
 
 
 def test_errors_never_carry_a_query_string(tmp_path):
+    """A URL's query string (a pre-signed URL's credentials) never reaches an error; a local path is shown
+    whole: ``?`` and ``#`` are characters of its file names."""
     out = FetchDecode(_spec(image_root=str(tmp_path)))(pa.table({"image_id": ["a", "b", "c"], "uri": [
-        "missing.jpg?X-Amz-Signature=SECRET1",
+        "missing?#1.jpg",
         "http://127.0.0.1:9/x.jpg?X-Amz-Credential=SECRET2&sig=SECRET3",
         "ftp://user:SECRET4@host/x.jpg?token=SECRET5",
     ]}))
     text = json.dumps(out.select(["error"]).to_pylist())
     assert "SECRET" not in text and out["status"].to_pylist() == ["error"] * 3
+    assert out["error"][0].as_py().endswith("missing?#1.jpg")
 
 
 # -- clear errors, before work ---------------------------------------------------------------------------
