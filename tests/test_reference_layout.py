@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import REQUIRE_PEERS, require_module
 from ma_agiqa import get_config
 from ma_agiqa.config import ExpertConfig, ModelConfig, QualityConfig
 from ma_agiqa.maniqa import MANIQA, SwinStage, TransposedAttention, from_reference_state_dict, reference_key
@@ -253,9 +254,9 @@ def test_pyiqa_maniqa_port_computes_the_same_function(monkeypatch):
     the same per-patch scores and MANIQA score on the same input. pyiqa is not a dependency (it pulls in
     many); ``pip install --no-deps --target DIR pyiqa einops opencv-python-headless`` and PYTHONPATH=DIR
     runs this (benchmarks/peer_maniqa.py does the same at full size)."""
-    pytest.importorskip("einops")
-    pytest.importorskip("cv2")
-    maniqa_arch = pytest.importorskip("pyiqa.archs.maniqa_arch")
+    require_module("einops", REQUIRE_PEERS)
+    require_module("cv2", REQUIRE_PEERS)
+    maniqa_arch = require_module("pyiqa.archs.maniqa_arch", REQUIRE_PEERS)
     import timm
 
     from ma_agiqa.backbones import ViTBlocks
@@ -332,7 +333,7 @@ def test_resize_without_antialias_matches_opencv():
     from ma_agiqa.config import QualityViews
     from ma_agiqa.preprocess import quality_pixels
 
-    cv2 = pytest.importorskip("cv2")
+    cv2 = require_module("cv2", REQUIRE_PEERS)
     rng = np.random.default_rng(0)
     big = Image.fromarray(rng.integers(0, 256, (512, 384, 3), dtype=np.uint8))
     ours = quality_pixels(big, QualityViews(antialias=False))[0].permute(1, 2, 0).numpy().astype(int)
