@@ -2,6 +2,7 @@
 Laplacian of the grey image (a sharpness measure), through the project's own decoder and metrics.
 
     python benchmarks/classical_baseline.py [--data-root ../shared/datasets/agiqa3k] [--split val]
+    python benchmarks/classical_baseline.py --smoke   # seconds: the 40 sample images (samples/agiqa3k) instead
 
 BRISQUE (PyPI `brisque`) was not used: it pulls in OpenCV, scikit-image and libsvm for one baseline.
 """
@@ -25,11 +26,17 @@ def laplacian_variance(path: str) -> float:
     return float(ndimage.laplace(grey).var())
 
 
-def main():
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/agiqa3k"))
+    p.add_argument("--data-root", default=str(REPO.parent / "shared/datasets/agiqa3k"))
     p.add_argument("--split", default="val")
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="seconds, for the test suite: the sample's split of 40 images")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.data_root = str(REPO / "samples" / "agiqa3k")
     df = load_dataset("agiqa3k", args.data_root)
     df = df[df["split"] == args.split].reset_index(drop=True)
     with ThreadPoolExecutor(4) as pool:

@@ -3,6 +3,7 @@
     python benchmarks/model_forward.py [--model tiny-random] [--images 40] [--batch-size 8]
     python benchmarks/model_forward.py --flops            # per-image LLM FLOPs of the registered MLLMs
     python benchmarks/model_forward.py --real-forward llava-interleave-qwen-0.5b-hf   # one random-weight forward
+    python benchmarks/model_forward.py --smoke            # seconds: the rates on 2 images, one round; the FLOPs
 
 Semantic branch, three ways on the same images and model:
 - ``after``: ``SemanticExtractor`` as it is: question first, image padded to a square, the image processor once
@@ -35,7 +36,7 @@ SAMPLE = REPO / "samples" / "agiqa3k" / "images"
 DATA = REPO / "tests" / "data" / "mllm"
 
 
-def rate(fn, n_images: int, repeats: int = 3) -> float:
+def rate(fn, n_images: int, repeats: int) -> float:
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -45,7 +46,7 @@ def rate(fn, n_images: int, repeats: int = 3) -> float:
     return n_images / best
 
 
-def compare(fns: dict, n_images: int, repeats: int = 5) -> dict:
+def compare(fns: dict, n_images: int, repeats: int) -> dict:
     """images/s of each function, measured alternately (one run of each per round, the best round kept), so
     that load from other processes on a shared machine falls on all of them alike."""
     for fn in fns.values():
@@ -107,8 +108,8 @@ def branch_rates(args) -> dict:
     views = [torch.stack([model.preprocess(im) for im in c]) for c in chunks]
     results = {}
     with torch.inference_mode():
-        results["preprocess (decoded image -> views)"] = rate(lambda: [model.preprocess(im) for im in images], len(images))
-        results["quality branch (MANIQA)"] = rate(lambda: [model.quality(v) for v in views], len(images))
+        results["preprocess (decoded image -> views)"] = rate(lambda: [model.preprocess(im) for im in images], len(images), args.repeats)
+        results["quality branch (MANIQA)"] = rate(lambda: [model.quality(v) for v in views], len(images), args.repeats)
         if model.semantic is not None:
             ex = model.semantic
             full = AutoModelForImageTextToText.from_pretrained(resolve(model.cfg.semantic.model_id)).eval()
@@ -116,10 +117,10 @@ def branch_rates(args) -> dict:
                 "semantic: after": lambda: [ex(c) for c in chunks],
                 "semantic: before (image first, processor per prompt, KV cache)": lambda: [before_style(ex, c) for c in chunks],
                 "semantic: reference style (LM head, twice per batch)": lambda: [reference_style(full, ex, c) for c in chunks],
-            }, len(images)))
+            }, len(images), args.rounds))
             image_tokens = {k: int((v[1]["input_ids"] == ex.processor.image_token_id).sum(1)[0]) for k, v in ex.hidden_states(images[:1]).items()}
             results_tokens = {k: int(v[1]["attention_mask"].sum()) for k, v in ex.hidden_states(images[:1]).items()}
-        results["whole model from decoded images"] = rate(lambda: [model.score_images(c) for c in chunks], len(images))
+        results["whole model from decoded images"] = rate(lambda: [model.score_images(c) for c in chunks], len(images), args.repeats)
     out = {
         "model": args.model, "images": len(images), "batch_size": bs, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "device": "cpu",
@@ -239,16 +240,25 @@ def real_forward(name: str) -> dict:
     }
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="tiny-random")
     p.add_argument("--images", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--flops", action="store_true", help="only the per-image FLOPs of the registered MLLMs")
     p.add_argument("--real-forward", default=None, help="a stored config (tests/data/mllm/NAME): one forward, random weights")
-    args = p.parse_args()
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each rate, the best kept")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the semantic variants, the best kept")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds, for the test suite: the rates on 2 images in one batch, timed once, then --flops")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.images, args.batch_size, args.repeats, args.rounds = 2, 2, 1, 1
     torch.set_num_threads(os.cpu_count())
-    if args.flops:
+    if args.smoke:
+        print(json.dumps(branch_rates(args), indent=2))
+        print(json.dumps({name: flops(name) for name in sorted(TEXT_TOKENS)}, indent=2))
+    elif args.flops:
         print(json.dumps({name: flops(name) for name in sorted(TEXT_TOKENS)}, indent=2))
     elif args.real_forward:
         print(json.dumps(real_forward(args.real_forward), indent=2))

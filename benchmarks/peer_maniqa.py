@@ -11,6 +11,7 @@ timm, einops and, through pyiqa's package imports, OpenCV:
 
     pip install --no-deps --target /tmp/peerlib pyiqa==0.1.16 einops opencv-python-headless
     PYTHONPATH=/tmp/peerlib python benchmarks/peer_maniqa.py [--images 2] [--seed 0]
+    python benchmarks/peer_maniqa.py --smoke   # seconds: the same check at tiny-random's widths, one image
 
 tests/test_reference_layout.py runs the same check on a 32-wide ViT when pyiqa can be imported.
 """
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="ma-agiqa-paper", help="a registered config whose quality branch to check")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds, for the test suite: the config's layout at tiny-random's widths (a 32-wide ViT), one image")
     args = p.parse_args(argv)
 
     import timm
@@ -39,8 +42,14 @@ def main(argv=None) -> int:
     from ma_agiqa.maniqa import MANIQA, from_reference_state_dict
 
     cfg = dataclasses.replace(get_config(args.model).quality, pretrained=None)
+    if args.smoke:
+        tiny = get_config("tiny-random").quality
+        cfg = dataclasses.replace(cfg, backbone=tiny.backbone, backbone_kwargs=tiny.backbone_kwargs,
+                                  embed_dim=tiny.embed_dim, num_heads=tiny.num_heads, dim_mlp=tiny.dim_mlp)
+        args.images = 1
     create = timm.create_model
-    timm.create_model = lambda name, pretrained=False, **kw: create(name, pretrained=False, **kw)  # no download
+    # no download; pyiqa builds its ViT by name, so it gets the config's backbone arguments too
+    timm.create_model = lambda name, pretrained=False, **kw: create(name, pretrained=False, **{**cfg.backbone_kwargs, **kw})
     maniqa_arch.uniform_crop = lambda x, crop_size, crop_num: x  # one whole-image view, as the reference's
     try:
         torch.manual_seed(args.seed)
@@ -59,7 +68,7 @@ def main(argv=None) -> int:
     images = torch.rand(args.images, 3, cfg.views.size, cfg.views.size, generator=torch.Generator().manual_seed(1))
     views = (images - torch.tensor(cfg.views.mean).view(3, 1, 1)) / torch.tensor(cfg.views.std).view(3, 1, 1)
     result = {"pyiqa": pyiqa_version, "timm": timm.__version__, "torch": torch.__version__, "model": args.model,
-              "backbone": cfg.backbone, "images": args.images, "mapped_tensors": len(mapped),
+              "backbone": cfg.backbone, **({"backbone_kwargs": cfg.backbone_kwargs} if cfg.backbone_kwargs else {}), "images": args.images, "mapped_tensors": len(mapped),
               # what has no counterpart here: parameters by module, buffers (recomputed by timm) by name
               "left_out_parameters": sorted({k.rsplit(".", 1)[0] for k in left if k in params}),
               "left_out_buffers": sorted({k.rsplit(".", 1)[1] for k in left if k not in params})}

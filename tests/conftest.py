@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REQUIRE_DATA, unavailable
+
 REPO = Path(__file__).resolve().parents[1]
 AGIQA3K = Path(os.environ.get("MA_AGIQA_AGIQA3K", REPO.parent / "shared" / "datasets" / "agiqa3k"))
 
@@ -21,10 +23,7 @@ def require_data(path: Path, what: str):
     """Skips a test that needs the full dataset where it is missing, or fails it where the data must be there
     (``MA_AGIQA_REQUIRE_DATA=1``, as ``.ci/run`` sets): a missing dataset must not pass for a passed run."""
     if not path.exists():
-        message = f"{what} not found at {path} (set MA_AGIQA_AGIQA3K)"
-        if os.environ.get("MA_AGIQA_REQUIRE_DATA"):
-            pytest.fail(message + "; MA_AGIQA_REQUIRE_DATA is set, so the full dataset is required here")
-        pytest.skip(message)
+        unavailable(f"{what} not found at {path} (set MA_AGIQA_AGIQA3K)", REQUIRE_DATA)
 
 
 @pytest.fixture(scope="session")

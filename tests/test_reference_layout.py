@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import REQUIRE_PEERS, require_module
 from ma_agiqa import get_config
 from ma_agiqa.config import ExpertConfig, ModelConfig, QualityConfig
 from ma_agiqa.maniqa import MANIQA, SwinStage, TransposedAttention, from_reference_state_dict, reference_key
@@ -96,15 +97,11 @@ def test_paper_quality_branch_has_the_reference_stages(paper_quality):
     assert [t.drop.p for t in [*m.tab1, *m.tab2]] == [0.1] * 4
 
 
-def test_paper_views_and_grid_come_from_the_backbone(paper_quality):
-    """Size, normalisation and grid are declared in the registry (its driver reads configs without torch):
-    they must be what timm's pretrained_cfg of the weights tag says."""
+def test_paper_backbone_is_the_weights_tag_the_reference_loaded(paper_quality):
+    """timm builds the tag the config names (its default for the name is another fine-tune), so the views its
+    pretrained_cfg gives (checked for every registered config in test_model.py) are that tag's."""
     cfg = paper_quality.cfg
-    timm_cfg = paper_quality.backbone.model.pretrained_cfg
-    assert cfg.backbone == "vit_base_patch8_224.augreg_in21k_ft_in1k" and timm_cfg["tag"] == "augreg_in21k_ft_in1k"
-    assert cfg.views.size == timm_cfg["input_size"][-1] == 224 and cfg.views.mode == "resize"
-    assert cfg.views.mean == tuple(timm_cfg["mean"]) and cfg.views.std == tuple(timm_cfg["std"])
-    assert cfg.grid == cfg.views.size // paper_quality.backbone.model.patch_embed.patch_size[0] == 28
+    assert paper_quality.backbone.model.pretrained_cfg["tag"] == cfg.backbone.split(".", 1)[1] == "augreg_in21k_ft_in1k"
     assert cfg.views.antialias is False  # the reference's OpenCV INTER_CUBIC
     assert get_config("ma-agiqa-small").quality == cfg
 
@@ -205,10 +202,22 @@ def test_stored_configs_without_the_new_fields_keep_the_old_layout(name):
     assert all(t.layout == "clean" for t in m.tab1)
 
 
-def test_offline_registry_configs_keep_the_old_layout():
-    for name in ("ma-agiqa-offline", "ma-agiqa-offline-quality"):
-        q = get_config(name).quality
-        assert (q.tab_layout, q.stage_conv, q.shared_dim_mlp) == ("clean", False, False) and q.views.antialias
+@pytest.mark.parametrize("name", ["ma-agiqa-offline", "ma-agiqa-offline-quality"])
+def test_registry_configs_build_what_their_shipped_heads_were_trained_in(name):
+    """A registered config that ships trained heads builds the function they were trained in: the quality
+    branch (layout included) and MoE of the checkpoint's config.json, and its modules take the shipped tensors
+    name for name and shape for shape (random backbone weights: the backbone is not in the file)."""
+    from safetensors import safe_open
+
+    from ma_agiqa.model import MAAGIQA
+
+    stored = ModelConfig.from_dict(json.loads((CHECKPOINTS / name / "config.json").read_text()))
+    registered = get_config(name)
+    model = MAAGIQA(registered, load_pretrained_backbone=False)  # fills in the widths derived from the backbone
+    assert registered.quality == stored.quality and registered.moe == stored.moe
+    with safe_open(str(CHECKPOINTS / name / "model.safetensors"), "pt") as f:
+        shipped = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert shipped == {k: tuple(v.shape) for k, v in model.trainable_state_dict().items()}
 
 
 # -- MoE ----------------------------------------------------------------------------------------------------
@@ -253,9 +262,9 @@ def test_pyiqa_maniqa_port_computes_the_same_function(monkeypatch):
     the same per-patch scores and MANIQA score on the same input. pyiqa is not a dependency (it pulls in
     many); ``pip install --no-deps --target DIR pyiqa einops opencv-python-headless`` and PYTHONPATH=DIR
     runs this (benchmarks/peer_maniqa.py does the same at full size)."""
-    pytest.importorskip("einops")
-    pytest.importorskip("cv2")
-    maniqa_arch = pytest.importorskip("pyiqa.archs.maniqa_arch")
+    require_module("einops", REQUIRE_PEERS)
+    require_module("cv2", REQUIRE_PEERS)
+    maniqa_arch = require_module("pyiqa.archs.maniqa_arch", REQUIRE_PEERS)
     import timm
 
     from ma_agiqa.backbones import ViTBlocks
@@ -332,7 +341,7 @@ def test_resize_without_antialias_matches_opencv():
     from ma_agiqa.config import QualityViews
     from ma_agiqa.preprocess import quality_pixels
 
-    cv2 = pytest.importorskip("cv2")
+    cv2 = require_module("cv2", REQUIRE_PEERS)
     rng = np.random.default_rng(0)
     big = Image.fromarray(rng.integers(0, 256, (512, 384, 3), dtype=np.uint8))
     ours = quality_pixels(big, QualityViews(antialias=False))[0].permute(1, 2, 0).numpy().astype(int)

@@ -1,21 +1,18 @@
 """jobs.report: the HTML opens in a real headless Chromium with its charts and every thumbnail decoded."""
-import os
 import re
 import shutil
 import subprocess
 
 import pytest
 
-from helpers import SAMPLE, read_table, sample_rows, write_scores
+from helpers import REQUIRE_BROWSER, SAMPLE, read_table, sample_rows, unavailable, write_scores
 from jobs import report
 
 
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        if os.environ.get("MA_AGIQA_REQUIRE_BROWSER"):
-            pytest.fail("chromium is required here (.ci/run installs Debian's chromium package)")
-        pytest.skip("no chromium on this machine (apt-get install chromium)")
+        unavailable("no chromium on this machine (apt-get install chromium; .ci/run does)", REQUIRE_BROWSER)
     return path
 
 
