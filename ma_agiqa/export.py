@@ -52,10 +52,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import locators
+from .curation import CurationError
 from .errors import ImageError
 from .fetch import DEFAULT_MAX_BYTES, Fetcher
 from .manifests import ManifestError, expand_manifest
@@ -71,8 +73,9 @@ FETCH_THREADS = 8  # plain objects fetched at once by one shard task (object sto
 ERROR_FIELDS = ("image_id", "uri", "kind", "message", "shard")
 
 
-class ExportError(ValueError):
-    """Options or inputs that cannot be exported: nothing is written."""
+class ExportError(CurationError):
+    """Options or inputs that cannot be exported: nothing is written (a user error, as the curation jobs'
+    are: one line and exit code 2)."""
 
 
 # -- names ---------------------------------------------------------------------------------------------------
@@ -350,15 +353,18 @@ def _cell(value, file_uri, column, row, tmpdir, max_bytes):
 
 
 # -- writing a shard -----------------------------------------------------------------------------------------
-def _json_value(value):
-    if isinstance(value, float) and value != value:
-        return None
+def _json_value(value, float32: bool):
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return None
+        if float32:  # a float32 score as written (0.3), not as the double nearest it (0.30000001192092896)
+            return float(str(np.float32(value)))
     return value
 
 
-def sample_json(row: dict) -> bytes:
-    """A sample's ``.json``: every column of its kept row (timestamps as ISO text)."""
-    doc = {k: _json_value(v) for k, v in row.items() if not k.startswith("_")}
+def sample_json(row: dict, float32_columns=frozenset()) -> bytes:
+    """A sample's ``.json``: every column of its kept row (timestamps as ISO text, NaN as null)."""
+    doc = {k: _json_value(v, k in float32_columns) for k, v in row.items() if not k.startswith("_")}
     return json.dumps(doc, default=lambda v: v.isoformat() if hasattr(v, "isoformat") else str(v)).encode("utf-8")
 
 
@@ -416,6 +422,7 @@ def write_shard(job: ExportJob, index: int) -> dict:
             tmp = _local_temp(job, tmpdir, name)
             try:
                 if job.fmt == "webdataset":
+                    float32 = {f.name for f in table.schema if pa.types.is_float32(f.type)}
                     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
                         for row, data, hint in images:
                             if data is None:
@@ -423,7 +430,7 @@ def write_shard(job: ExportJob, index: int) -> dict:
                                 continue
                             key = row["__key__"]
                             _tar_add(tar, f"{key}.{image_extension(data, hint)}", data)
-                            _tar_add(tar, f"{key}.json", sample_json(row))
+                            _tar_add(tar, f"{key}.json", sample_json(row, float32))
                             exported, nbytes = exported + 1, nbytes + len(data)
                 else:
                     exported, nbytes = _write_parquet_shard(tmp, table.schema, images, errors, name)
