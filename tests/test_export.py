@@ -222,3 +222,23 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
         assert message in err and err.count("\n") == 1, err
     with pytest.raises(ExportError):
         run_export(kept, str(tmp_path / "o"), "parquet", shard_size=0)
+
+
+def test_curate_exports_the_kept_images_after_the_filter(local_ray, tmp_path):
+    from jobs import curate
+
+    rows = sample_rows()[:6]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, export_out = str(tmp_path / "curated"), str(tmp_path / "export")
+    summary = curate.run(curate.parse_args([
+        "--manifest", str(manifest), "--scores", str(tmp_path / "scores"), "--output", out, "--model", "tiny-random",
+        "--allow-untrained", "--image-root", str(SAMPLE), "--top-k", "3", "--batch-size", "6",
+        "--export-format", "parquet", "--export-output", export_out, "--shard-size", "2"]))
+    kept = read_table(f"{out}/kept").to_pylist()
+    assert summary["export"]["exported"] == summary["kept"] == len(kept) == 3
+    exported = read_table(export_out).to_pylist()
+    assert {r["image_id"]: r["image"]["bytes"] for r in exported} == {
+        r["image_id"]: (SAMPLE / r["uri"]).read_bytes() for r in kept}
+    assert {r["image_id"]: r["score"] for r in exported} == {r["image_id"]: r["score"] for r in kept}
+    assert json.loads(open(f"{out}/_summary.json").read())["export"]["shards"] == 2
