@@ -23,8 +23,9 @@ locator (ma_agiqa.locators): a tar member is found by streaming the shard once p
 it, stopping at the last member wanted; a Parquet cell is read by row group, only the image column and only
 the row groups holding wanted rows. Rows are grouped by container within each export shard; ids of the form
 ``<shard>/<key>`` (as WebDataset inputs get) sort a container's rows together, so a container is read by one
-or two export tasks. Container members are spilled to the task's temporary directory, so a task holds one
-image in memory at a time; the driver holds the kept rows' metadata, never image bytes.
+or two export tasks. Container members are spilled to the task's temporary directory and plain objects are
+fetched at most 2 x FETCH_THREADS ahead, so a task holds a few images in memory whatever the shard size; the
+driver holds the kept rows' metadata, never image bytes.
 
 Where Ray Data's own readers and writers did not fit (Ray 2.60, read in ray/data/datasource/file_datasink.py):
 ``write_webdataset`` / ``write_parquet`` name files ``{write_uuid}_{task_index}`` with a new uuid per run
