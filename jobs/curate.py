@@ -9,18 +9,24 @@
    (counted in the summary, not written).
 
 3. With --compact, compacts the score table first (jobs.compact), so nightly runs do not pile up small parts.
+4. With --export-format F --export-output URI, exports the kept images (jobs.export) after the filter.
 
 OUTPUT/_summary.json holds the scoring run's summary under "scoring" (and "compaction"), the filter's beside it.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from jobs import score
 from jobs.cli import USER_ERRORS, run_and_report
+from jobs.export import FORMATS, add_shard_size
 from jobs.filter import add_rule_args, rules_from
-from ma_agiqa.curation import run_filter
+from ma_agiqa.curation import SUMMARY_FILE, run_filter
+from ma_agiqa.export import run_export
+from ma_agiqa.table_files import write_json
+from ma_agiqa.uris import join_uri
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,7 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compact", action="store_true",
                    help="at the end, compact the score table (jobs.compact: its current rows in large parts)")
     p.add_argument("--compact-rows-per-file", type=int, default=1_000_000, help="rows per compacted part")
+    p.add_argument("--export-format", choices=FORMATS, default=None, help="then export the kept images (jobs.export)")
+    p.add_argument("--export-output", default=None, help="where --export-format writes the exported dataset")
+    add_shard_size(p)
     args = p.parse_args(argv)
+    if bool(args.export_format) != bool(args.export_output):
+        p.error("--export-format and --export-output go together")
     if args.metadata:
         p.error("--metadata: jobs.curate joins the manifest itself; use jobs.filter for another table")
     return args
@@ -56,11 +67,17 @@ def run(args) -> dict:
         from jobs.compact import compact
 
         extra["compaction"] = compact(args.scores, args.compact_rows_per_file, args.memory_limit)
-    return run_filter(
+    summary = run_filter(
         args.scores, args.output, rules, model=scored["model_id"], metadata=args.manifest, on="image_id",
         unmatched_scores="ignore", rows_per_file=args.rows_per_file, memory_limit=args.memory_limit,
         temp_dir=args.temp_dir, metadata_is_manifest=True, extra_summary=extra,
     )
+    if args.export_format:
+        summary["export"] = run_export(join_uri(args.output, "kept"), args.export_output, args.export_format,
+                                       args.shard_size, image_root=args.image_root,
+                                       allow_outside_root=args.allow_outside_root, max_bytes=args.max_bytes)
+        write_json(json.dumps(summary, indent=2, default=str) + "\n", join_uri(args.output, SUMMARY_FILE))
+    return summary
 
 
 def main(argv=None) -> int:
