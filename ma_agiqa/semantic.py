@@ -14,6 +14,7 @@ outputs (transformers' ``mm_encoder_outputs``) the vision tower runs once too, f
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 from PIL import Image
@@ -26,10 +27,19 @@ from .hub import resolve
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 
 
+# Set to the config's dtype ("bfloat16") to run the MLLM in it on CPU too: a 7B model's float32 weights (28 GB)
+# do not fit a 24 GB machine, its bf16 ones do (benchmarks/real_size.py sets it).
+CPU_DTYPE_ENV = "MA_AGIQA_CPU_DTYPE"
+
+
 def inference_dtype(cfg: SemanticConfig, device: str | torch.device) -> torch.dtype:
-    """The MLLM's dtype: the config's (bf16 by default) on a GPU, float32 on CPU (bf16 matmuls are slow there)."""
+    """The MLLM's dtype: the config's (bf16 by default) on a GPU, float32 on CPU (bf16 matmuls are slow on most
+    CPUs) unless ``MA_AGIQA_CPU_DTYPE`` names another."""
     if torch.device(device).type != "cuda":
-        return torch.float32
+        name = os.environ.get(CPU_DTYPE_ENV, "float32")
+        if name not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"{CPU_DTYPE_ENV}={name!r}: not float32, bfloat16 or float16")
+        return getattr(torch, name)
     return getattr(torch, cfg.dtype)
 
 
