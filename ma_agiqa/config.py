@@ -46,6 +46,10 @@ SEMANTIC_PROMPT = (
     "semantic content."
 )
 
+# SemanticConfig.pooling. "mean" is the reference's (every position), and the name configs have always stored:
+# kept, so that no model id changes.
+POOLINGS = ("mean", "image", "text", "last")
+
 
 @dataclass
 class SemanticConfig:
@@ -60,7 +64,10 @@ class SemanticConfig:
     prompts: dict[str, str] = field(
         default_factory=lambda: {"coherence": COHERENCE_PROMPT, "semantic": SEMANTIC_PROMPT}
     )
-    pooling: str = "mean"  # "mean" over all tokens (the reference) or "last" token
+    # How the last hidden layer becomes one vector per prompt (one of POOLINGS): "mean" over all positions (the
+    # reference's), "image" over the image tokens only, "text" over the other positions (template, question and
+    # the tokens after the image), or the "last" token. Padding is never counted.
+    pooling: str = "mean"
     revision: str | None = None
     max_image_side: int = MAX_IMAGE_SIDE  # images are shrunk to this before the processor (which resizes anyway)
     # "question-first" (the reference: "question\n<image>", so the image tokens attend to the question) or
@@ -72,8 +79,8 @@ class SemanticConfig:
     dtype: str = "bfloat16"  # the MLLM's dtype on a GPU (float32 on CPU)
 
     def __post_init__(self):
-        if self.pooling not in ("mean", "last"):
-            raise ValueError(f"pooling must be 'mean' or 'last', got {self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if not self.prompts:
             raise ValueError("the semantic branch needs at least one prompt")
         if self.prompt_order not in ("question-first", "image-first"):

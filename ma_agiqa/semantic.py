@@ -14,6 +14,7 @@ outputs (transformers' ``mm_encoder_outputs``) the vision tower runs once too, f
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 from PIL import Image
@@ -26,10 +27,19 @@ from .hub import resolve
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 
 
+# Set to the config's dtype ("bfloat16") to run the MLLM in it on CPU too: a 7B model's float32 weights (28 GB)
+# do not fit a 24 GB machine, its bf16 ones do (benchmarks/real_size.py sets it).
+CPU_DTYPE_ENV = "MA_AGIQA_CPU_DTYPE"
+
+
 def inference_dtype(cfg: SemanticConfig, device: str | torch.device) -> torch.dtype:
-    """The MLLM's dtype: the config's (bf16 by default) on a GPU, float32 on CPU (bf16 matmuls are slow there)."""
+    """The MLLM's dtype: the config's (bf16 by default) on a GPU, float32 on CPU (bf16 matmuls are slow on most
+    CPUs) unless ``MA_AGIQA_CPU_DTYPE`` names another."""
     if torch.device(device).type != "cuda":
-        return torch.float32
+        name = os.environ.get(CPU_DTYPE_ENV, "float32")
+        if name not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"{CPU_DTYPE_ENV}={name!r}: not float32, bfloat16 or float16")
+        return getattr(torch, name)
     return getattr(torch, cfg.dtype)
 
 
@@ -81,15 +91,23 @@ def load_vlm(model_id: str, revision: str | None = None, device: str | torch.dev
     return model.eval(), processor
 
 
-def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """[B, T, D] -> [B, D] over the real (non-padding) tokens: their mean, or the last one."""
-    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
-    if pooling == "mean":
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
-    # The last real token, for left or right padding alike.
-    positions = torch.arange(hidden.shape[1], device=hidden.device).expand_as(attention_mask)
-    last = torch.where(attention_mask.bool(), positions, -1).amax(1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str,
+                image_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T, D] -> [B, D] over the real (non-padding) tokens: the mean of all of them ("mean"), of the image
+    tokens (``image_mask`` [B, T]: "image") or of the others ("text"), or the last one ("last")."""
+    real = attention_mask.bool()
+    if pooling == "last":  # the last real token, for left or right padding alike
+        positions = torch.arange(hidden.shape[1], device=hidden.device).expand_as(real)
+        last = torch.where(real, positions, -1).amax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if pooling in ("image", "text"):
+        if image_mask is None:
+            raise ValueError(f"{pooling!r} pooling needs the image tokens' positions")
+        real = real & (image_mask.bool() if pooling == "image" else ~image_mask.bool())
+    elif pooling != "mean":
+        raise ValueError(f"unknown pooling {pooling!r}")
+    mask = real.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
 def pad_colour(image_processor) -> tuple[int, int, int]:
@@ -132,6 +150,7 @@ class SemanticExtractor(nn.Module):
             raise ValueError(
                 f"{name}: the processor writes image token {proc_token} ({self.image_token}), the model reads {model_token}"
             )
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(self.image_token)
         self.fill = pad_colour(processor.image_processor)
         self.side = processor_side(processor.image_processor)
         self.framing = Framing(pad=cfg.framing == "pad", fill=self.fill, side=self.side, max_side=cfg.max_image_side)
@@ -237,8 +256,10 @@ class SemanticExtractor(nn.Module):
             out[key] = (result.last_hidden_state, text_inputs)
         return out
 
+    def pool(self, hidden: torch.Tensor, text_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One prompt's last hidden layer [B, T, D] -> [B, D] float32, pooled as the config says."""
+        ids = text_inputs["input_ids"]
+        return pool_hidden(hidden.float(), text_inputs["attention_mask"], self.cfg.pooling, ids == self.image_token_id)
+
     def forward(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        return {
-            key: pool_hidden(hidden.float(), inputs["attention_mask"], self.cfg.pooling)
-            for key, (hidden, inputs) in self.hidden_states(images).items()
-        }
+        return {key: self.pool(hidden, inputs) for key, (hidden, inputs) in self.hidden_states(images).items()}
