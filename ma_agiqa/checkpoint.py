@@ -179,7 +179,7 @@ def fetch_checkpoint(uri: str) -> Path:
 
     import fsspec
 
-    from .hub import cache_dir
+    from .cache import cache_dir
 
     fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
     fs.invalidate_cache(root)  # a filesystem instance is shared: ask the store, not an earlier listing
