@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 from pathlib import Path
 from typing import Iterable
@@ -42,28 +41,36 @@ def hash_weights(tensors: Iterable[tuple[str, bytes]]) -> str:
     return h.hexdigest()[:12]
 
 
-def _header(data) -> tuple[dict, int]:
-    header_len = int.from_bytes(data[:8], "little")
-    return json.loads(bytes(data[8 : 8 + header_len])), 8 + header_len
+def stored_tensors(path: str | os.PathLike) -> Iterable[tuple[str, bytes]]:
+    """(name, raw bytes) of every tensor in a safetensors file in name order, read through
+    ``safetensors.safe_open`` one tensor at a time (never a copy of all the weights): the file stores each
+    tensor's bytes as torch holds them, so hashing these equals hashing the loaded tensors. A dtype numpy
+    lacks (bfloat16) is read through torch, which only such a checkpoint costs."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        for name in sorted(f.keys()):
+            try:
+                data = f.get_tensor(name).tobytes()
+            except TypeError:  # numpy has no such dtype
+                data = _torch_bytes(path, name)
+            yield name, data
 
 
-def stored_tensors(path: str | os.PathLike) -> Iterable[tuple[str, memoryview]]:
-    """(name, raw bytes) of every tensor in a safetensors file in name order, from its header's offsets: the
-    file stores each tensor's bytes as torch holds them, so hashing these equals hashing the loaded tensors.
-    The file is mapped, not read: the bytes come from the page cache one tensor at a time."""
-    with open(path, "rb") as f:
-        data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-    header, base = _header(data)
-    for name in sorted(k for k in header if k != "__metadata__"):
-        start, end = header[name]["data_offsets"]
-        yield name, data[base + start : base + end]
+def _torch_bytes(path, name: str) -> bytes:
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def stored_metadata(path: str | os.PathLike) -> dict:
     """The ``__metadata__`` of a safetensors file, from its header alone."""
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(header_len)).get("__metadata__") or {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return f.metadata() or {}
 
 
 def shipped_checkpoint(name: str) -> Path | None:
