@@ -93,15 +93,20 @@ def checkpoint_dir(name_or_dir: str | os.PathLike) -> Path | None:
     return directory_of(name_or_dir) or shipped_checkpoint(str(name_or_dir))
 
 
+def read_config(directory: Path) -> ModelConfig:
+    """A checkpoint directory's config. Its semantic config remembers the directory, for a relative MLLM
+    folder (``semantic``)."""
+    cfg = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    if cfg.semantic is not None:
+        cfg.semantic._base_dir = str(directory)
+    return cfg
+
+
 def load_config(name_or_dir: str | os.PathLike) -> ModelConfig:
-    """A model's config without building it: what a driver needs to plan a job (experts, prompts). A
-    checkpoint's semantic config remembers its directory, for a relative MLLM folder (``semantic``)."""
+    """A model's config without building it: what a driver needs to plan a job (experts, prompts)."""
     directory = checkpoint_dir(name_or_dir)
     if directory is not None:
-        cfg = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-        if cfg.semantic is not None:
-            cfg.semantic._base_dir = str(directory)
-        return cfg
+        return read_config(directory)
     if is_remote(name_or_dir):
         raise KeyError(f"{name_or_dir} holds no checkpoint ({CONFIG_FILE})")
     return get_config(str(name_or_dir))
@@ -154,7 +159,12 @@ def model_id(name_or_dir: str | os.PathLike) -> str:
     with. Read from a checkpoint's files, or from a registered config alone (its heads as initialised); no
     model is built."""
     directory = checkpoint_dir(name_or_dir)
-    cfg = load_config(directory or name_or_dir)
+    return model_id_of(read_config(directory) if directory else load_config(name_or_dir), directory)
+
+
+def model_id_of(cfg: ModelConfig, directory: Path | None) -> str:
+    """``model_id`` of a config and the checkpoint directory it was read from (None: a registered config
+    without shipped weights, its heads as initialised)."""
     if directory is None:
         return identity(cfg, UNTRAINED)
     return identity(cfg, stored_weights(directory, cfg), directory)
@@ -163,7 +173,11 @@ def model_id(name_or_dir: str | os.PathLike) -> str:
 def is_trained(name_or_dir: str | os.PathLike) -> bool:
     """Whether a model's heads were trained: a checkpoint not saved as initialised, or a registered config
     that ships trained heads. A registered config without them has random heads, whose scores mean nothing."""
-    directory = checkpoint_dir(name_or_dir)
+    return trained_at(checkpoint_dir(name_or_dir))
+
+
+def trained_at(directory: Path | None) -> bool:
+    """``is_trained`` of a checkpoint directory (None: no checkpoint), from its weights file's metadata alone."""
     return directory is not None and not stored_metadata(directory / WEIGHTS_FILE).get(UNTRAINED_KEY)
 
 
