@@ -108,13 +108,10 @@ def test_the_driver_plans_a_job_without_torch(tmp_path):
     code = (
         "import json, sys\n"
         "from jobs import score\n"
-        "from ma_agiqa.scoring.model_ref import resolve_model\n"
-        "from ma_agiqa.scoring.plan import ManifestFiles, job_spec, plan_columns, plan_input\n"
-        f"args = score.parse_args(['--manifest', {str(SAMPLE / 'manifest.jsonl')!r}, '--output', 'unused', '--model', {str(tmp_path / 'ckpt')!r}])\n"
-        "request = score.request_from(args, args.manifest, args.output)\n"
-        "model = resolve_model(request.model)\n"
-        "manifest = plan_input(ManifestFiles.open(request.manifest), request.output)\n"
-        "spec = job_spec(request, model, plan_columns(request, model, manifest.schema))\n"
+        "from ma_agiqa.scoring.plan import plan_request\n"
+        f"args = score.parse_args(['--manifest', {str(SAMPLE / 'manifest.jsonl')!r}, '--output', 'unused', '--model', {str(tmp_path / 'ckpt')!r},\n"
+        "                          '--allow-untrained'])\n"
+        "model, manifest, spec = plan_request(score.request_from(args, args.manifest, args.output))\n"
         "print(json.dumps({'experts': spec.experts, 'id': model.model_id,\n"
         "                  'heavy': [m for m in ('torch', 'timm', 'transformers') if m in sys.modules]}))\n"
     )

@@ -19,13 +19,25 @@ from ..errors import JobConfigError
 from ..manifests import ManifestError, expand_manifest, read_manifest_file
 from ..schema import score_schema
 from ..uris import redact
-from .model_ref import ResolvedModel
+from .model_ref import ResolvedModel, resolve_model
 from .request import ScoreRequest
-from .steps import JobSpec, image_ids
+from .steps import AssignIds, JobSpec, image_ids
 
 log = logging.getLogger("ma_agiqa.scoring")
 
 DRIVER_ROWS = 1_000_000  # inputs up to this many rows are handed to Ray from the driver
+
+
+def plan_request(request: ScoreRequest) -> tuple[ResolvedModel, "Manifest", JobSpec]:
+    """Everything a run settles before Ray starts, cheapest check first: the options, the model (its config
+    and whether it was trained, from its files), every input row, the columns, then the JobSpec (which can
+    read the MLLM's files from its hub, so untrained heads are refused before it)."""
+    request.check()
+    model = resolve_model(request.model)
+    manifest = plan_input(ManifestFiles.open(request.manifest), request.output, request.limit)
+    columns = plan_columns(request, model, manifest.schema)
+    model.refuse_untrained(request.allow_untrained)
+    return model, manifest, job_spec(request, model, columns)
 
 
 class InputFiles(Protocol):
@@ -87,6 +99,12 @@ class Manifest:
                 out[i] = skip
             offset += n
         return out
+
+
+def driver_rows(manifest: Manifest, spec: JobSpec) -> pa.Table:
+    """The rows this run scores, from the tables the driver holds, with their ids and the columns the job
+    carries."""
+    return AssignIds(spec)(pa.concat_tables(manifest.tables, promote_options="permissive").filter(pa.array(manifest.score)))
 
 
 def check_output(output: str, source: InputFiles) -> None:

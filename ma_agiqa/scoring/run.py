@@ -1,7 +1,7 @@
 """``score(request)``: a scoring run from request to summary, in the order it happens.
 
-request checked -> model resolved -> input planned -> columns checked -> untrained heads refused -> JobSpec
--> Ray -> layout (and the cluster asked for it) -> rows to score (resume) -> Ray Data: decode, model stages,
+plan_request (request checked -> model resolved -> input planned -> columns checked -> untrained heads
+refused -> JobSpec) -> Ray -> layout (and the cluster asked for it) -> rows to score (resume) -> Ray Data: decode, model stages,
 parts -> summary (OUTPUT/_summary.json)
 
 Everything before Ray reads files only (no torch, no model): a run that cannot go ahead stops there with a
@@ -15,16 +15,14 @@ import os
 import time
 from datetime import datetime, timezone
 
-import pyarrow as pa
 
 from ..score_table import resume_plan
 from ..table_files import count_rows, list_parts, write_json
 from ..uris import join_uri, redact
 from .layout import Layout, plan_layout, wait_for_cluster
-from .model_ref import resolve_model
-from .plan import Manifest, ManifestFiles, job_spec, plan_columns, plan_input
+from .plan import Manifest, driver_rows, plan_request
 from .request import ScoreRequest
-from .steps import AssignIds, FetchDecode, JobSpec, ReadInputFiles, ScoreImages, ScoreRows, SemanticFeatures, WriteParts, summarise
+from .steps import FetchDecode, JobSpec, ReadInputFiles, ScoreImages, ScoreRows, SemanticFeatures, WriteParts, summarise
 
 SUMMARY_FILE = "_summary.json"
 ROWS_PER_BLOCK = 4096  # at most, per Ray block: per-block costs stay small next to the rows' own work
@@ -35,14 +33,9 @@ def score(request: ScoreRequest) -> dict:
     OUTPUT/_summary.json). Rows already in the table for this model are not scored again; ``failed`` in the
     summary says whether the errors went over ``max_error_fraction``. Raises JobConfigError or
     ManifestError, before Ray starts, for a request that cannot run."""
-    request.check()
     if request.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = request.s3_endpoint
-    model = resolve_model(request.model)
-    manifest = plan_input(ManifestFiles.open(request.manifest), request.output, request.limit)
-    columns = plan_columns(request, model, manifest.schema)
-    model.refuse_untrained(request.allow_untrained)
-    spec = job_spec(request, model, columns)
+    model, manifest, spec = plan_request(request)
 
     import ray
 
@@ -126,7 +119,7 @@ def rows_to_score(manifest: Manifest, spec: JobSpec, batch_size: int, n_actors: 
     n = int(manifest.score.sum())
     block = rows_per_block(n, batch_size, n_actors)
     if manifest.tables is not None:
-        table = AssignIds(spec)(pa.concat_tables(manifest.tables, promote_options="permissive").filter(pa.array(manifest.score)))
+        table = driver_rows(manifest, spec)
         blocks = [table.slice(i, block) for i in range(0, len(table), block)] or [table]
         # from_blocks, unlike from_arrow, keeps the blocks as they are and reads their metadata here rather
         # than in a remote task per block.
