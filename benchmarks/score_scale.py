@@ -9,6 +9,9 @@ C. resume planning of that manifest against a --table-rows score table (two mode
 
     python benchmarks/score_scale.py [--rows 1000000] [--images 300] [--table-rows 10000000] [--workdir DIR]
 
+``--smoke``: part C only, on 2,000 rows and a 20,000-row table in a temporary directory (seconds: it checks the
+benchmark still runs).
+
 Each command runs as its own process; the driver's RSS is sampled from /proc every 0.2 s (A, B) or read from
 its own getrusage (C). Results are printed as JSON and appended to WORKDIR/results.jsonl.
 """
@@ -29,6 +32,7 @@ import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 AGIQA = REPO.parent / "shared" / "datasets" / "agiqa3k" / "images"
+SAMPLE_IMAGES = REPO / "samples" / "agiqa3k" / "images"
 
 
 def peak_rss_of(proc: subprocess.Popen) -> dict:
@@ -49,8 +53,8 @@ def peak_rss_of(proc: subprocess.Popen) -> dict:
     return peak
 
 
-def make_manifest(path: Path, rows: int, images: int) -> None:
-    names = sorted(p.name for p in AGIQA.iterdir())[:images]
+def make_manifest(path: Path, rows: int, images: int, image_dir: Path) -> None:
+    names = sorted(p.name for p in image_dir.iterdir())[:images]
     uris = np.array([f"missing/{i:08d}.jpg" for i in range(rows)], dtype=object)
     spots = np.linspace(0, rows - 1, len(names)).astype(int)  # the real images spread over the manifest
     uris[spots] = names
@@ -87,12 +91,13 @@ def make_table(path: Path, manifest: Path, rows: int, parts: int) -> None:
 PLAN = """
 import json, resource, sys, time
 t0 = time.time()
-from jobs import score
 from ma_agiqa.score_table import resume_plan
-args = score.parse_args(["--manifest", sys.argv[1], "--output", sys.argv[2], "--image-root", sys.argv[3]])
-spec, manifest = score.plan(args)
+from ma_agiqa.scoring import ScoreRequest
+from ma_agiqa.scoring.plan import plan_request
+request = ScoreRequest(manifest=sys.argv[1], output=sys.argv[2], image_root=sys.argv[3], allow_untrained=True)
+_, manifest, spec = plan_request(request)
 t1 = time.time()
-done, retried = resume_plan(args.output, "tiny-random@567bfeb48b9e", manifest.ids, manifest.score)
+done, retried = resume_plan(request.output, "tiny-random@567bfeb48b9e", manifest.ids, manifest.score)
 t2 = time.time()
 print(json.dumps({"plan_s": round(t1 - t0, 2), "anti_join_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2),
                   "manifest_rows": manifest.rows, "already_in_table": int(done.sum()),
@@ -100,8 +105,8 @@ print(json.dumps({"plan_s": round(t1 - t0, 2), "anti_join_s": round(t2 - t1, 2),
 """
 
 
-def run_job(manifest: Path, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "jobs.score", "--manifest", str(manifest), "--image-root", str(AGIQA), "--output", str(out),
+def run_job(manifest: Path, out: Path, image_dir: Path) -> dict:
+    cmd = [sys.executable, "-m", "jobs.score", "--manifest", str(manifest), "--image-root", str(image_dir), "--output", str(out),
            "--model", "tiny-random", "--allow-untrained", "--max-error-fraction", "1"]
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -125,26 +130,40 @@ def main() -> None:
     p.add_argument("--table-parts", type=int, default=100)
     p.add_argument("--workdir", default=str(REPO / "runs" / "score_scale"))
     p.add_argument("--skip-job", action="store_true", help="only part C")
+    p.add_argument("--smoke", action="store_true", help="part C on a small manifest and table: does it run")
     args = p.parse_args()
+    image_dir = AGIQA
+    if args.smoke:
+        import tempfile
+
+        args.rows, args.images, args.table_rows, args.table_parts, args.skip_job = 2000, 4, 20_000, 4, True
+        args.workdir, image_dir = tempfile.mkdtemp(prefix="ma_agiqa_score_scale_"), SAMPLE_IMAGES
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     manifest = work / f"manifest-{args.rows}.parquet"
     if not manifest.exists():
-        make_manifest(manifest, args.rows, args.images)
+        make_manifest(manifest, args.rows, args.images, image_dir)
     result = {"rows": args.rows, "real_images": args.images, "cores": os.cpu_count(),
               "at": time.strftime("%Y-%m-%d %H:%M:%S")}
     if not args.skip_job:
         out = work / f"scores-{args.rows}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
-        result["A_job"] = run_job(manifest, out)
-        result["B_rerun"] = run_job(manifest, out)
+        result["A_job"] = run_job(manifest, out, image_dir)
+        result["B_rerun"] = run_job(manifest, out, image_dir)
     table = work / f"table-{args.table_rows}"
     if not table.exists():
         make_table(table, manifest, args.table_rows, args.table_parts)
-    plan = subprocess.run([sys.executable, "-c", PLAN, str(manifest), str(table), str(AGIQA)], cwd=REPO,
-                          capture_output=True, text=True, check=True)
+    plan = subprocess.run([sys.executable, "-c", PLAN, str(manifest), str(table), str(image_dir)], cwd=REPO,
+                          capture_output=True, text=True)
+    if plan.returncode != 0:
+        raise SystemExit(f"the resume plan failed:\n{plan.stderr[-3000:]}")
     result["C_resume_plan"] = {"table_rows": args.table_rows, "table_parts": args.table_parts, **json.loads(plan.stdout)}
     print(json.dumps(result, indent=2))
+    if args.smoke:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        return
     with open(work / "results.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
 

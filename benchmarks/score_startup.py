@@ -1,10 +1,11 @@
 """Where the scoring job's fixed time goes: a timeline of one `jobs.score` run on the sample manifest, and the
 start-up of a model actor (the same as a plain loop's) timed in a fresh process.
 
-    python benchmarks/score_startup.py [--repeats 3]
+    python benchmarks/score_startup.py [--repeats 3] [--smoke]
 
 Each figure is seconds since the process started (timeline) or the duration of one step, median of the
-repeats. The job's steps are timed by wrapping its own functions, so the job runs unchanged.
+repeats. The job's steps are timed by wrapping its own functions, so the job runs unchanged. ``--smoke`` wraps
+them and times one actor start-up, without the job (seconds: it checks the benchmark still runs).
 """
 from __future__ import annotations
 
@@ -23,14 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "samples" / "agiqa3k"
 
 
-def job_timeline(output: str) -> dict:
-    """Runs jobs.score in this process with a timestamp at each of its steps."""
-    t0 = time.perf_counter()
-    marks = {}
-    sys.path.insert(0, str(ROOT))
-    from jobs import score
+def instrument(marks: dict, t0: float) -> None:
+    """Wraps the scoring run's steps (ma_agiqa.scoring.run looks them up at call time) to mark when each
+    starts and ends, in seconds since ``t0``."""
+    import ray.data
 
-    marks["imports done"] = time.perf_counter() - t0
+    from ma_agiqa.scoring import run
 
     def timed(name, fn):
         def wrapper(*a, **k):
@@ -40,15 +39,25 @@ def job_timeline(output: str) -> dict:
             return result
         return wrapper
 
-    import ray
-    import ray.data
-
-    score.plan = timed("manifest and model config checked", score.plan)
-    score.init_ray = timed("ray start", score.init_ray)
-    score.rows_to_score = timed("manifest rows to score", score.rows_to_score)
+    run.plan_request = timed("manifest and model config checked", run.plan_request)
+    run.init_ray = timed("ray start", run.init_ray)
+    run.rows_to_score = timed("manifest rows to score", run.rows_to_score)
     ray.data.Dataset.take_all = timed("pipeline", ray.data.Dataset.take_all)
+
+
+def job_timeline(output: str) -> dict:
+    """Runs jobs.score in this process with a timestamp at each of its steps."""
+    t0 = time.perf_counter()
+    marks = {}
+    sys.path.insert(0, str(ROOT))
+    from jobs import score
+
+    marks["imports done"] = time.perf_counter() - t0
+    import ray
+
+    instrument(marks, t0)
     args = ["--manifest", str(SAMPLE / "manifest.jsonl"), "--image-root", str(SAMPLE), "--output", output,
-            "--model", "tiny-random"]
+            "--model", "tiny-random", "--allow-untrained"]
     summary = score.run(score.parse_args(args))
     marks["summary written"] = time.perf_counter() - t0
     assert summary["ok"] == summary["rows"] == 40, summary
@@ -65,10 +74,11 @@ def actor_startup() -> dict:
 
     t1 = time.perf_counter()
     sys.path.insert(0, str(ROOT))
-    from jobs import score
-    from ma_agiqa.pipeline import ScoreImages
+    from ma_agiqa.scoring import ScoreRequest
+    from ma_agiqa.scoring.plan import plan_request
+    from ma_agiqa.scoring.steps import ScoreImages
 
-    spec, _, _ = score.plan(score.parse_args(["--manifest", str(SAMPLE / "manifest.jsonl"), "--output", "unused"]))
+    _, _, spec = plan_request(ScoreRequest(str(SAMPLE / "manifest.jsonl"), "unused", allow_untrained=True))
     t2 = time.perf_counter()
     ScoreImages(spec, 0.0, 1)
     t3 = time.perf_counter()
@@ -94,7 +104,12 @@ def main():
         return print(json.dumps(actor_startup()))
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--smoke", action="store_true", help="the job's steps wrapped, one actor start-up: does it run")
     args = p.parse_args()
+    if args.smoke:
+        sys.path.insert(0, str(ROOT))
+        instrument({}, time.perf_counter())
+        return print(json.dumps({"smoke": True, "one model actor / plain loop start-up": actor_startup()}, indent=2))
     work = Path(tempfile.mkdtemp(prefix="ma_agiqa_startup_"))
     jobs, actors = [], []
     for r in range(args.repeats):

@@ -25,7 +25,8 @@ The figure we track: job / min(model only, decode only), toward 0.9.
     python benchmarks/score_throughput.py [--images 1000] [--repeats 3] [--model tiny-random] [--batch-size 16]
 
 ``--images`` above the dataset's 2,385 lists its images again under new ids (``name#2``...), to find where the
-job's fixed start-up stops mattering; ``--no-in-process`` runs part A only.
+job's fixed start-up stops mattering; ``--no-in-process`` runs part A only. ``--smoke``: part B without the job
+on 4 sample images (seconds: it checks the benchmark still runs, and measures nothing).
 
 Runs unchanged on a GPU machine (the model actors take the GPU when Ray sees one).
 """
@@ -53,10 +54,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jobs import score  # noqa: E402
-from ma_agiqa.pipeline import AssignIds, FetchDecode, ScoreImages, WriteParts  # noqa: E402
-from ma_agiqa.manifests import read_manifest_table  # noqa: E402
+from ma_agiqa.scoring.plan import driver_rows, plan_request  # noqa: E402
+from ma_agiqa.scoring.steps import FetchDecode, ScoreImages, WriteParts  # noqa: E402
 
 DATA = Path(os.environ.get("MA_AGIQA_AGIQA3K", ROOT.parent / "shared/datasets/agiqa3k"))
+SAMPLE = ROOT / "samples" / "agiqa3k"
 ROWS_PER_FILE = 5000  # the job's default --rows-per-file
 
 
@@ -66,8 +68,17 @@ def batches(table: pa.Table, size: int):
 
 
 def job_args(manifest, image_root, output, model, batch_size, extra=()):
+    # random heads score as fast as trained ones
     return ["--manifest", str(manifest), "--image-root", str(image_root), "--output", str(output),
-            "--model", model, "--batch-size", str(batch_size), *extra]
+            "--model", model, "--batch-size", str(batch_size), "--allow-untrained", *extra]
+
+
+def planned(argv):
+    """The job's request for a command line, its JobSpec and the rows it would score, as its driver plans them."""
+    args = score.parse_args(argv)
+    request = score.request_from(args, args.manifest, args.output, rows_per_file=args.rows_per_file)
+    _, manifest, spec = plan_request(request)
+    return request, spec, driver_rows(manifest, spec)
 
 
 def loop(rows: pa.Table, fetch: FetchDecode, model: ScoreImages, write: WriteParts, batch_size: int):
@@ -79,11 +90,9 @@ def loop(rows: pa.Table, fetch: FetchDecode, model: ScoreImages, write: WritePar
 
 def plain_loop(argv):
     """The plain single-process loop as a script would run it, model load included (part A's third command)."""
-    args = score.parse_args(argv)
-    spec, files, fmt = score.plan(args)
+    request, spec, rows = planned(argv)
     model = ScoreImages(spec, 1.0 if _cuda() else 0.0)
-    rows = AssignIds(spec)(read_manifest_table(files, fmt))
-    loop(rows, FetchDecode(spec), model, WriteParts(args.output), args.batch_size)
+    loop(rows, FetchDecode(spec), model, WriteParts(request.output), request.batch_size)
 
 
 def _cuda() -> bool:
@@ -282,24 +291,26 @@ def commands(args, work: Path, n: int, extra: list[str]) -> dict:
     }
 
 
-def in_process(args, work: Path, names: list[str], extra: list[str]) -> dict:
-    """Part B: one process, imports paid; the job, its parts and the loop."""
+def in_process(args, work: Path, names: list[str], extra: list[str], images: Path) -> dict:
+    """Part B: one process, imports paid; the job (not with --smoke), its parts and the loop."""
     import torch
 
-    job = score.parse_args(job_args(work / "manifest.parquet", DATA / "images", work / "job", args.model,
-                                     args.batch_size, extra))
-    spec, files, fmt = score.plan(job)
-    manifest = AssignIds(spec)(read_manifest_table(files, fmt))
+    from ma_agiqa.scoring import score as score_job
+
+    job, spec, manifest = planned(job_args(work / "manifest.parquet", images, work / "job", args.model,
+                                           args.batch_size, extra))
     gpus = 1.0 if _cuda() else 0.0
     results = {}
 
-    t = time.perf_counter()
-    summary = score.run(job)
-    results["job end to end (incl. Ray start, model load)"] = len(names) / (time.perf_counter() - t)
-    assert summary["rows"] == len(names), summary
-    import ray
+    summary = None
+    if not args.smoke:
+        t = time.perf_counter()
+        summary = score_job(job)
+        results["job end to end (incl. Ray start, model load)"] = len(names) / (time.perf_counter() - t)
+        assert summary["rows"] == len(names), summary
+        import ray
 
-    ray.shutdown()
+        ray.shutdown()
 
     fetch = FetchDecode(spec)
     t = time.perf_counter()
@@ -321,6 +332,9 @@ def in_process(args, work: Path, names: list[str], extra: list[str]) -> dict:
     loop_s = time.perf_counter() - t
     results["plain single-process loop"] = len(names) / loop_s
     results["plain loop incl. model load"] = len(names) / (loop_s + load_s)
+    assert len(pq.read_table(work / "loop", columns=["image_id"])) == len(names), "the loop wrote an incomplete table"
+    if summary is None:
+        return {"images_per_s": {k: round(v, 1) for k, v in results.items()}}
     results["job (its own summary: after Ray start)"] = summary["rows"] / summary["elapsed_s"]
 
     job_rate = results["job end to end (incl. Ray start, model load)"]
@@ -349,10 +363,14 @@ def main():
     p.add_argument("--fuse", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--threads-per-actor", type=int, default=None)
     p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True, help="part B")
+    p.add_argument("--smoke", action="store_true", help="part B without the job, on 4 sample images: does it run")
     args = p.parse_args()
+    data = SAMPLE if args.smoke else DATA
+    if args.smoke:
+        args.images, args.repeats, args.in_process = 4, 0, True
 
     work = Path(tempfile.mkdtemp(prefix="ma_agiqa_bench_"))
-    images = sorted(os.listdir(DATA / "images"))
+    images = sorted(os.listdir(data / "images"))
     names = [images[i % len(images)] for i in range(args.images)]
     ids = [name if i < len(images) else f"{name}#{i // len(images) + 1}" for i, name in enumerate(names)]
     pq.write_table(pa.table({"id": ids, "uri": names}), work / "manifest.parquet")
@@ -364,7 +382,7 @@ def main():
     if args.repeats:
         out["commands"] = commands(args, work, len(names), extra)
     if args.in_process:
-        out["in_process"] = in_process(args, work, names, extra)
+        out["in_process"] = in_process(args, work, names, extra, data / "images")
     print(json.dumps(out, indent=2))
     shutil.rmtree(work, ignore_errors=True)
 

@@ -2,7 +2,7 @@
 
     python -m jobs.curate --manifest URI --scores URI --output URI [--model NAME_OR_DIR] [filter options]
 
-1. Scores, with jobs.score, only the manifest rows the score table does not hold for this model (config name
+1. Scores, as jobs.score does (ma_agiqa.scoring), only the manifest rows the score table does not hold for this model (config name
    and weights hash), appending them to the table. A second run in a row scores nothing and loads no model.
 2. Filters the manifest's images with jobs.filter's rules, joined with the manifest itself as metadata (its
    ids derived as the scoring job derives them). Scores of images of other manifests are out of scope
@@ -19,12 +19,13 @@ import argparse
 import json
 import sys
 
-from jobs import score
 from jobs.cli import USER_ERRORS, run_and_report
 from jobs.export import FORMATS, add_shard_size
 from jobs.filter import add_rule_args, rules_from
+from jobs.score import add_scoring_args, request_from
 from ma_agiqa.curation import SUMMARY_FILE, run_filter
 from ma_agiqa.export import run_export
+from ma_agiqa.scoring import JobConfigError, score
 from ma_agiqa.table_files import write_json
 from ma_agiqa.uris import join_uri
 
@@ -34,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--manifest", required=True, help="the corpus: a Parquet/CSV/JSONL file, directory or glob")
     p.add_argument("--scores", required=True, help="the score table to complete (created if missing)")
     p.add_argument("--output", required=True, help="where the curated manifest, the rejected rows and the summary go")
-    score.add_scoring_args(p)
+    add_scoring_args(p)
     add_rule_args(p)
     p.add_argument("--compact", action="store_true",
                    help="at the end, compact the score table (jobs.compact: its current rows in large parts)")
@@ -50,18 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def scoring_args(args) -> argparse.Namespace:
-    argv = ["--manifest", args.manifest, "--output", args.scores]
-    parsed = score.parse_args(argv)
-    for name in vars(parsed):
-        if name not in ("manifest", "output", "rows_per_file") and hasattr(args, name):
-            setattr(parsed, name, getattr(args, name))
-    return parsed
-
-
 def run(args) -> dict:
     rules = rules_from(args)  # bad rule options fail before any scoring
-    scored = score.run(scoring_args(args))
+    scored = score(request_from(args, args.manifest, args.scores))
     extra = {"scoring": scored}
     if args.compact:
         from jobs.compact import compact
@@ -90,7 +82,7 @@ def main(argv=None) -> int:
 
     code = run_and_report(args, run_and_keep, lambda summary, args: (
         f"scored {summary['scoring']['to_score']} new images; kept {summary['kept']} of {summary['rows']}: "
-        f"{args.output.rstrip('/')}/kept/"), errors=(*USER_ERRORS, score.JobConfigError))
+        f"{args.output.rstrip('/')}/kept/"), errors=(*USER_ERRORS, JobConfigError))
     if code == 0 and summaries and summaries[-1]["scoring"].get("failed"):
         scoring = summaries[-1]["scoring"]
         print(f"error: the scoring run failed {scoring['errors']} of {scoring['rows']} rows, over --max-error-fraction "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 from pathlib import Path
 from typing import Iterable
@@ -42,28 +41,36 @@ def hash_weights(tensors: Iterable[tuple[str, bytes]]) -> str:
     return h.hexdigest()[:12]
 
 
-def _header(data) -> tuple[dict, int]:
-    header_len = int.from_bytes(data[:8], "little")
-    return json.loads(bytes(data[8 : 8 + header_len])), 8 + header_len
+def stored_tensors(path: str | os.PathLike) -> Iterable[tuple[str, bytes]]:
+    """(name, raw bytes) of every tensor in a safetensors file in name order, read through
+    ``safetensors.safe_open`` one tensor at a time (never a copy of all the weights): the file stores each
+    tensor's bytes as torch holds them, so hashing these equals hashing the loaded tensors. A dtype numpy
+    lacks (bfloat16) is read through torch, which only such a checkpoint costs."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        for name in sorted(f.keys()):
+            try:
+                data = f.get_tensor(name).tobytes()
+            except TypeError:  # numpy has no such dtype
+                data = _torch_bytes(path, name)
+            yield name, data
 
 
-def stored_tensors(path: str | os.PathLike) -> Iterable[tuple[str, memoryview]]:
-    """(name, raw bytes) of every tensor in a safetensors file in name order, from its header's offsets: the
-    file stores each tensor's bytes as torch holds them, so hashing these equals hashing the loaded tensors.
-    The file is mapped, not read: the bytes come from the page cache one tensor at a time."""
-    with open(path, "rb") as f:
-        data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-    header, base = _header(data)
-    for name in sorted(k for k in header if k != "__metadata__"):
-        start, end = header[name]["data_offsets"]
-        yield name, data[base + start : base + end]
+def _torch_bytes(path, name: str) -> bytes:
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def stored_metadata(path: str | os.PathLike) -> dict:
     """The ``__metadata__`` of a safetensors file, from its header alone."""
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(header_len)).get("__metadata__") or {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return f.metadata() or {}
 
 
 def shipped_checkpoint(name: str) -> Path | None:
@@ -86,15 +93,20 @@ def checkpoint_dir(name_or_dir: str | os.PathLike) -> Path | None:
     return directory_of(name_or_dir) or shipped_checkpoint(str(name_or_dir))
 
 
+def read_config(directory: Path) -> ModelConfig:
+    """A checkpoint directory's config. Its semantic config remembers the directory, for a relative MLLM
+    folder (``semantic``)."""
+    cfg = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    if cfg.semantic is not None:
+        cfg.semantic._base_dir = str(directory)
+    return cfg
+
+
 def load_config(name_or_dir: str | os.PathLike) -> ModelConfig:
-    """A model's config without building it: what a driver needs to plan a job (experts, prompts). A
-    checkpoint's semantic config remembers its directory, for a relative MLLM folder (``semantic``)."""
+    """A model's config without building it: what a driver needs to plan a job (experts, prompts)."""
     directory = checkpoint_dir(name_or_dir)
     if directory is not None:
-        cfg = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-        if cfg.semantic is not None:
-            cfg.semantic._base_dir = str(directory)
-        return cfg
+        return read_config(directory)
     if is_remote(name_or_dir):
         raise KeyError(f"{name_or_dir} holds no checkpoint ({CONFIG_FILE})")
     return get_config(str(name_or_dir))
@@ -147,7 +159,12 @@ def model_id(name_or_dir: str | os.PathLike) -> str:
     with. Read from a checkpoint's files, or from a registered config alone (its heads as initialised); no
     model is built."""
     directory = checkpoint_dir(name_or_dir)
-    cfg = load_config(directory or name_or_dir)
+    return model_id_of(read_config(directory) if directory else load_config(name_or_dir), directory)
+
+
+def model_id_of(cfg: ModelConfig, directory: Path | None) -> str:
+    """``model_id`` of a config and the checkpoint directory it was read from (None: a registered config
+    without shipped weights, its heads as initialised)."""
     if directory is None:
         return identity(cfg, UNTRAINED)
     return identity(cfg, stored_weights(directory, cfg), directory)
@@ -156,7 +173,11 @@ def model_id(name_or_dir: str | os.PathLike) -> str:
 def is_trained(name_or_dir: str | os.PathLike) -> bool:
     """Whether a model's heads were trained: a checkpoint not saved as initialised, or a registered config
     that ships trained heads. A registered config without them has random heads, whose scores mean nothing."""
-    directory = checkpoint_dir(name_or_dir)
+    return trained_at(checkpoint_dir(name_or_dir))
+
+
+def trained_at(directory: Path | None) -> bool:
+    """``is_trained`` of a checkpoint directory (None: no checkpoint), from its weights file's metadata alone."""
     return directory is not None and not stored_metadata(directory / WEIGHTS_FILE).get(UNTRAINED_KEY)
 
 
@@ -179,7 +200,7 @@ def fetch_checkpoint(uri: str) -> Path:
 
     import fsspec
 
-    from .hub import cache_dir
+    from .cache import cache_dir
 
     fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
     fs.invalidate_cache(root)  # a filesystem instance is shared: ask the store, not an earlier listing

@@ -10,6 +10,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from .prompts import COHERENCE_PROMPT, SEMANTIC_PROMPT
+
 
 @dataclass(frozen=True)
 class QualityViews:
@@ -39,12 +41,6 @@ class QualityViews:
 
 # Images are shrunk to this longer side before the MLLM's processor, which resizes them anyway.
 MAX_IMAGE_SIDE = 1024
-
-COHERENCE_PROMPT = "Evaluate if the image quality is compromised due to violations of coherence."
-SEMANTIC_PROMPT = (
-    "Evaluate the input image to determine if its quality is compromised due to a lack of meaningful "
-    "semantic content."
-)
 
 # SemanticConfig.pooling. "mean" is the reference's (every position), and the name configs have always stored:
 # kept, so that no model id changes.

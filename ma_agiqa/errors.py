@@ -29,3 +29,8 @@ class ImageError(ValueError):
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.message = message
+
+
+class JobConfigError(ValueError):
+    """Settings that cannot run: a scoring run stops before Ray starts or any model loads (jobs.score: exit
+    code 2)."""

@@ -9,13 +9,6 @@ import os
 BUILTIN_PREFIX = "builtin:"  # builtin:tiny-random-vlm, builtin:tiny-random-qwen2-vl, builtin:tiny-random-sentence
 
 
-def cache_dir():
-    """Where built tiny models and fetched checkpoints live: ``MA_AGIQA_CACHE``, else ``~/.cache/ma_agiqa``."""
-    from pathlib import Path
-
-    return Path(os.environ.get("MA_AGIQA_CACHE", Path.home() / ".cache" / "ma_agiqa"))
-
-
 def resolve(model_id: str, base_dir: str | None = None) -> str:
     if model_id.startswith(BUILTIN_PREFIX):
         from .tiny import tiny_model_dir

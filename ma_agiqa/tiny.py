@@ -11,8 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .config import COHERENCE_PROMPT, SEMANTIC_PROMPT
-from .hub import cache_dir
+from .cache import cache_dir
+from .prompts import COHERENCE_PROMPT, SEMANTIC_PROMPT
 
 # llava-hf/llava-1.5-7b-hf's chat template (its chat_template.json; tests/data/mllm/README.md says where it was
 # read). It renders every image before the text, whatever their order in the message.

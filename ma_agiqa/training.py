@@ -105,9 +105,8 @@ def backbone_features(model, df: pd.DataFrame, root: Path, batch_size: int = 32)
 def semantic_features(model_ref: str, cfg, df: pd.DataFrame, root: Path, address: str | None = None) -> tuple[dict, dict]:
     """The MLLM's vectors for every row, computed by the scoring job (--keep-features) into a cache keyed by
     the semantic branch; only rows the cache lacks are scored."""
-    from jobs import score
-
     from .hub import fingerprint
+    from .scoring import ScoreRequest, score
     from .checkpoint import checkpoint_dir
 
     base = checkpoint_dir(model_ref)
@@ -123,9 +122,8 @@ def semantic_features(model_ref: str, cfg, df: pd.DataFrame, root: Path, address
             manifest = Path(tmp) / "manifest.parquet"
             pq.write_table(pa.table({"id": todo["image_id"].tolist(), "uri": todo["uri"].tolist()}), manifest)
             # The vectors are the MLLM's, whatever the heads: random heads are fine here.
-            argv = ["--manifest", str(manifest), "--output", str(directory), "--model", model_ref, "--keep-features",
-                    "--allow-untrained", "--max-error-fraction", "1"]
-            summary = score.run(score.parse_args(argv + (["--address", address] if address else [])))
+            summary = score(ScoreRequest(manifest=str(manifest), output=str(directory), model=str(model_ref), address=address,
+                                         keep_features=True, allow_untrained=True, max_error_fraction=1))
             computed = summary["rows"]
     from .score_table import read_scores
 

@@ -20,8 +20,9 @@ from helpers import REPO, SAMPLE, read_table, sample_rows
 import ma_agiqa
 from jobs import score
 from ma_agiqa.errors import ImageError
-from ma_agiqa.pipeline import FetchDecode, JobSpec, ScoreRows, WriteParts, summarise
 from ma_agiqa.schema import score_schema, validate_score_table
+from ma_agiqa.scoring import plan as scoring_plan, run as scoring_run
+from ma_agiqa.scoring.steps import FetchDecode, JobSpec, ScoreRows, WriteParts, summarise
 from ma_agiqa.score_table import resume_plan
 from ma_agiqa.fetch import Fetcher
 from ma_agiqa.manifests import read_manifest_file
@@ -49,7 +50,7 @@ def test_manifest_ids_are_strings_as_written_in_every_format(tmp_path):
     jsonl = read_manifest_file(str(tmp_path / "m.jsonl"), "json")
     assert jsonl["id"].to_pylist() == ["001", "1", "1e3"] and jsonl["uri"].to_pylist() == ["a.jpg", "b.jpg", "7"]
     assert read_manifest_file(str(tmp_path / "m.parquet"), "parquet")["id"].to_pylist() == ["1", "2"]
-    spec, manifest = score.plan(score.parse_args(["--manifest", str(tmp_path / "m.csv"), "--output", str(tmp_path / "o")]))
+    manifest = scoring_plan.plan_input(scoring_plan.ManifestFiles.open(str(tmp_path / "m.csv")), str(tmp_path / "o"))
     assert manifest.repeated == 0 and manifest.rows == 4
 
 
@@ -69,7 +70,7 @@ def test_a_repeated_id_is_scored_once_and_the_summary_counts_the_table(local_ray
 def test_a_manifest_too_large_for_the_driver_is_read_by_ray_tasks_with_the_same_rules(local_ray, tmp_path, monkeypatch):
     """Past DRIVER_ROWS the driver keeps only ids and Ray tasks read the files again: repeats across files
     and --limit apply exactly as in the driver."""
-    monkeypatch.setattr(score, "DRIVER_ROWS", 5)
+    monkeypatch.setattr(scoring_plan, "DRIVER_ROWS", 5)
     rows = [{"id": r["id"], "uri": r["uri"], "prompt": r["prompt"]} for r in sample_rows()[:12]]
     d = tmp_path / "manifest"
     d.mkdir()
@@ -133,9 +134,7 @@ def test_too_many_errors_fail_the_run_with_its_summary_written(local_ray, tmp_pa
 def _spec(**kw):
     from ma_agiqa.checkpoint import load_config
 
-    cfg = load_config("tiny-random")
-    return JobSpec(model="tiny-random", experts=cfg.expert_names, views=cfg.quality.views,
-                   semantic_prompts={n: cfg.semantic.hidden_size for n in cfg.semantic.prompts}, **kw)
+    return JobSpec(model="tiny-random", config=load_config("tiny-random"), **kw)
 
 
 def _png(path, size):
@@ -274,7 +273,7 @@ def _fails_before_ray(argv, capsys, *expected):
 
 
 def test_unusable_settings_and_manifests_stop_before_ray_with_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(score, "init_ray", lambda *a, **kw: pytest.fail("Ray was started"))
+    monkeypatch.setattr(scoring_run, "init_ray", lambda *a, **kw: pytest.fail("Ray was started"))
     m = str(SAMPLE / "manifest.jsonl")
     (tmp_path / "file").write_text("x")
     _fails_before_ray(["--manifest", m, "--output", str(tmp_path / "file")], capsys, "existing file")

@@ -3,7 +3,6 @@ import re
 import shutil
 import subprocess
 
-import pytest
 
 from helpers import REQUIRE_BROWSER, SAMPLE, read_table, sample_rows, unavailable, write_scores
 from jobs import report

@@ -12,6 +12,9 @@ import pytest
 from helpers import REPO, SAMPLE, bad_files, read_table, sample_rows
 from jobs import score
 from ma_agiqa.images import decode_image
+from ma_agiqa.scoring import JobConfigError
+from ma_agiqa.scoring.layout import fits, plan_layout, wait_for_cluster
+from ma_agiqa.scoring.run import ROWS_PER_BLOCK, rows_per_block
 from ma_agiqa.schema import validate_score_table
 
 EXPERTS = ["coherence", "semantic", "quality"]
@@ -105,10 +108,11 @@ def test_the_driver_plans_a_job_without_torch(tmp_path):
     code = (
         "import json, sys\n"
         "from jobs import score\n"
-        "from ma_agiqa.checkpoint import model_id\n"
-        f"args = score.parse_args(['--manifest', {str(SAMPLE / 'manifest.jsonl')!r}, '--output', 'unused', '--model', {str(tmp_path / 'ckpt')!r}])\n"
-        "spec, manifest = score.plan(args)\n"
-        "print(json.dumps({'experts': spec.experts, 'id': model_id(args.model),\n"
+        "from ma_agiqa.scoring.plan import plan_request\n"
+        f"args = score.parse_args(['--manifest', {str(SAMPLE / 'manifest.jsonl')!r}, '--output', 'unused', '--model', {str(tmp_path / 'ckpt')!r},\n"
+        "                          '--allow-untrained'])\n"
+        "model, manifest, spec = plan_request(score.request_from(args, args.manifest, args.output))\n"
+        "print(json.dumps({'experts': spec.experts, 'id': model.model_id,\n"
         "                  'heavy': [m for m in ('torch', 'timm', 'transformers') if m in sys.modules]}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
@@ -179,37 +183,36 @@ def test_s3_manifest_and_images(local_ray, s3_server, tmp_path):
 
 
 def test_layouts_leave_room_for_decoding_and_follow_the_cluster(local_ray):
-    spec = score.JobSpec(model="tiny-random", experts=EXPERTS, views=None, semantic_prompts={"coherence": 64})
-
     def layout(argv, resources):
-        return score.plan_layout(score.parse_args(["--manifest", "m", "--output", "o", *argv]), spec, resources)
+        args = score.parse_args(["--manifest", "m", "--output", "o", *argv])
+        return plan_layout(score.request_from(args, args.manifest, args.output), True, resources)
 
     cpu2 = layout(["--quality-actors", "2", "--fuse", "off"], {"CPU": 2})
     assert (cpu2.semantic_actors, cpu2.quality_actors, cpu2.cpus) == (1, 2, pytest.approx(1 / 3))  # 1 CPU left for tasks
-    assert score.fits(cpu2.bundles(), [{"CPU": 2}]) and not score.fits(cpu2.bundles(), [{"CPU": 1.5}])
+    assert fits(cpu2.bundles(), [{"CPU": 2}]) and not fits(cpu2.bundles(), [{"CPU": 1.5}])
     fused = layout([], {"CPU": 2})  # no GPU: the MLLM lives in the quality actors, one per CPU
     assert (fused.fused, fused.semantic_actors, fused.quality_actors, fused.cpus) == (True, 0, 2, 0.5)
     assert layout([], {"CPU": 64}).quality_actors == 8
     gpu8 = layout([], {"CPU": 64, "GPU": 8})  # GPUs: separate stages, 3/4 of the GPUs to the MLLM
     assert (gpu8.fused, gpu8.gpus, gpu8.semantic_actors, gpu8.quality_actors, gpu8.cpus) == (False, 1.0, 6, 2, 1.0)
     gpu1 = layout([], {"CPU": 8, "GPU": 1})
-    assert (gpu1.gpus, gpu1.semantic_actors, gpu1.quality_actors) == (0.5, 1, 1) and score.fits(gpu1.bundles(), [{"CPU": 8, "GPU": 1}])
+    assert (gpu1.gpus, gpu1.semantic_actors, gpu1.quality_actors) == (0.5, 1, 1) and fits(gpu1.bundles(), [{"CPU": 8, "GPU": 1}])
     # a cluster that scales from zero: explicit settings are taken as given, not sized to what is there now
     zero = layout(["--gpus-per-actor", "0.5", "--semantic-actors", "3", "--quality-actors", "1"], {"CPU": 0})
     assert (zero.gpus, zero.semantic_actors, zero.quality_actors, zero.fused) == (0.5, 3, 1, False)
-    assert not score.fits(zero.bundles(), [{"CPU": 0}])
-    assert score.fits(zero.bundles(), [{"CPU": 0}, {"CPU": 8, "GPU": 2}])
+    assert not fits(zero.bundles(), [{"CPU": 0}])
+    assert fits(zero.bundles(), [{"CPU": 0}, {"CPU": 8, "GPU": 2}])
     explicit = layout(["--cpus-per-actor", "1"], {"CPU": 2})  # 2 actors x 1 CPU + 1 for tasks on a 2-CPU Ray
-    with pytest.raises(score.JobConfigError, match="do not fit"):
-        score.wait_for_cluster(explicit, local=True, timeout_s=1)
+    with pytest.raises(JobConfigError, match="do not fit"):
+        wait_for_cluster(explicit, local=True, timeout_s=1)
 
 
 def test_blocks_hold_thousands_of_rows_but_feed_every_actor():
     """10 million rows are ~2,500 blocks (tasks per stage), not 625,000 batches of 16; a small manifest still
     gives each model actor several blocks."""
     for rows in (10_000_000, 1_000_000, 100_000):
-        block = score.rows_per_block(rows, 16, 4)
-        assert block == score.ROWS_PER_BLOCK == 4096 and -(-rows // block) <= rows // 4000
-    assert score.rows_per_block(40, 16, 2) == 16  # 3 blocks for 2 actors
-    assert score.rows_per_block(10_000, 16, 2) == 1250  # 8 blocks: four per actor
-    assert score.rows_per_block(5, 16, 2) == 16  # never below a model batch
+        block = rows_per_block(rows, 16, 4)
+        assert block == ROWS_PER_BLOCK == 4096 and -(-rows // block) <= rows // 4000
+    assert rows_per_block(40, 16, 2) == 16  # 3 blocks for 2 actors
+    assert rows_per_block(10_000, 16, 2) == 1250  # 8 blocks: four per actor
+    assert rows_per_block(5, 16, 2) == 16  # never below a model batch

@@ -1,8 +1,8 @@
-"""The scoring pipeline's steps: small callables from one pyarrow table to the next, knowing nothing of the
-executor. ``jobs/score.py`` runs them on Ray Data; the benchmark's plain loop runs the same ones in a
-``for`` loop.
+"""The scoring job's steps: small callables from one pyarrow table to the next, knowing nothing of the
+executor. ``run.py`` runs them on Ray Data; the benchmark's plain loop runs the same ones in a ``for`` loop.
 
-manifest rows -> AssignIds -> FetchDecode (CPU) -> SemanticFeatures (GPU) -> ScoreRows (GPU) -> WriteParts
+input files -> ReadInputFiles (large inputs) -> AssignIds -> FetchDecode (CPU) -> SemanticFeatures (GPU)
+-> ScoreRows (GPU) -> WriteParts -> summarise
 (ScoreImages runs the two model steps in one actor, for clusters without GPUs.)
 
 Every step keeps every row: a row that fails becomes status "error" with its reason and flows on.
@@ -23,12 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import DEFAULT_MAX_PIXELS, ImageError, error_kind
-from .schema import STATUS_ERROR, STATUS_OK, feature_column, gate_column, score_schema
-from .fetch import DEFAULT_MAX_BYTES, Fetcher
-from .manifests import stable_id
-from .table_files import write_part_atomically
-from .uris import REMOTE_SCHEMES, redact_text, resolve_image_uri, scheme_of
+from ..config import MAX_IMAGE_SIDE, ModelConfig
+from ..errors import DEFAULT_MAX_PIXELS, ImageError, error_kind
+from ..schema import STATUS_ERROR, STATUS_OK, feature_column, gate_column, score_schema
+from ..fetch import DEFAULT_MAX_BYTES, Fetcher
+from ..manifests import image_ids
+from ..table_files import write_part_atomically
+from ..uris import REMOTE_SCHEMES, redact_text, resolve_image_uri, scheme_of
 
 # Columns the steps add for each other; none reaches the score table.
 PIXELS = "_quality_pixels"
@@ -39,13 +40,12 @@ FALLBACK = "_fallback"  # 1 on one row of each batch that a model stage had to s
 
 @dataclass
 class JobSpec:
-    """What every step needs to know about the job; plain data, shipped to every worker."""
+    """What every step needs to know about the job; plain data, shipped to every worker. What the model
+    decides (experts, views, prompts and their width) is read from its config, held here as the driver read
+    it; the rest are the run's options."""
 
-    model: str
-    experts: list[str]
-    views: object  # QualityViews of the model
-    semantic_prompts: dict[str, int] = field(default_factory=dict)  # prompt name -> hidden width
-    semantic_max_side: int = 1024
+    model: str  # the reference each model actor loads (a remote checkpoint: fetched once per node)
+    config: ModelConfig
     semantic_framing: object = None  # framing.Framing: pad to square and resize to the processor's side
     image_root: str | None = None
     keep_columns: dict[str, pa.DataType] = field(default_factory=dict)
@@ -56,6 +56,25 @@ class JobSpec:
     allow_outside_root: bool = False
     fetch_threads: int = 8
     decode_slots: int = 2  # images decoded at once per process: bounds decode memory
+    # prompt name -> width of its vectors (empty without an MLLM): worked out once, where the spec is made (the
+    # driver), as the width can mean reading the MLLM's config.json; it travels with the spec
+    semantic_prompts: dict[str, int] = field(init=False)
+
+    def __post_init__(self):
+        semantic = self.config.semantic
+        self.semantic_prompts = {name: semantic.hidden_size for name in semantic.prompts} if semantic is not None else {}
+
+    @property
+    def experts(self) -> list[str]:
+        return self.config.expert_names
+
+    @property
+    def views(self):
+        return self.config.quality.views
+
+    @property
+    def semantic_max_side(self) -> int:
+        return self.config.semantic.max_image_side if self.config.semantic is not None else MAX_IMAGE_SIDE
 
     def decode_memory(self) -> int:
         """Bytes a process that fetches and decodes a batch can hold at once: every fetch thread's object at
@@ -72,34 +91,42 @@ def _device(num_gpus: float) -> str:
     return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+def text_column(table: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
+    """A column as strings; all nulls when the table lacks it."""
+    return table[name].cast(pa.string()) if name in table.column_names else pa.nulls(len(table), pa.string())
+
+
 class AssignIds:
-    """Adds ``image_id`` (the manifest's ``id`` as a string, else a stable hash of the uri) and keeps only
-    the columns the job uses."""
+    """Adds ``image_id`` (``image_ids``) and keeps only the columns the job uses."""
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        uris = table["uri"].cast(pa.string()) if "uri" in table.column_names else pa.nulls(len(table), pa.string())
-        given = table["id"].cast(pa.string()) if "id" in table.column_names else pa.nulls(len(table), pa.string())
-        ids = given
-        if given.null_count:  # hash only the rows without an id: a manifest with ids costs no hashing
-            missing = np.flatnonzero(pc.is_null(given).to_numpy(zero_copy_only=False))
-            uri_list = uris.take(pa.array(missing)).to_pylist()
-            hashed = [
-                stable_id(u) if u is not None
-                else stable_id("row:" + json.dumps(table.slice(int(i), 1).to_pylist()[0], default=str, sort_keys=True))
-                for i, u in zip(missing, uri_list)  # rows without a uri hash their content
-            ]
-            filled = np.array(given.to_pylist(), dtype=object)
-            filled[missing] = hashed
-            ids = pa.array(filled.tolist(), pa.string())
-        columns = {"image_id": ids, "uri": uris}
+        columns = {"image_id": image_ids(table), "uri": text_column(table, "uri")}
         for name, typ in self.spec.keep_columns.items():
             columns[name] = table[name].cast(typ)
         if self.spec.prompt_column:
             columns[PROMPT] = table[self.spec.prompt_column].cast(pa.string())
         return pa.table(columns)
+
+
+class ReadInputFiles:
+    """A Ray task's share of an input too large for the driver to hold: its files read with the driver's
+    reader, cut where the driver cut them (--limit), ids assigned, and the rows the driver decided not to
+    score (repeats, already in the table) dropped."""
+
+    def __init__(self, source, file_rows: list[int], skip: dict[int, np.ndarray], spec: JobSpec):
+        self.source, self.file_rows, self.skip, self.assign = source, file_rows, skip, AssignIds(spec)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for index, uri in zip(batch["index"].to_pylist(), batch["file"].to_pylist()):
+            table = self.source.read(uri).slice(0, self.file_rows[index])
+            keep = np.ones(len(table), bool)
+            keep[self.skip.get(index, [])] = False
+            out.append(self.assign(table.filter(pa.array(keep))))
+        return pa.concat_tables(out, promote_options="permissive")
 
 
 class FetchDecode:
@@ -125,8 +152,8 @@ class FetchDecode:
             return None, f"{e.kind}: {e.message}"
 
     def _one(self, uri):
-        from .images import decode_image, shrink
-        from .preprocess import quality_pixels
+        from ..images import decode_image, shrink
+        from ..preprocess import quality_pixels
 
         try:
             data = self.fetcher.fetch(uri)
@@ -207,7 +234,7 @@ class SemanticFeatures:
         import torch
         from PIL import Image
 
-        from .model import load_semantic
+        from ..model import load_semantic
 
         if threads:
             torch.set_num_threads(threads)
@@ -253,7 +280,7 @@ class ScoreRows:
     def __init__(self, spec: JobSpec, num_gpus: float = 0.0, threads: int | None = None):
         import torch
 
-        from .model import create_model
+        from ..model import create_model
 
         if threads:
             torch.set_num_threads(threads)
@@ -267,7 +294,7 @@ class ScoreRows:
     def _score(self, table: pa.Table, rows: np.ndarray):
         import torch
 
-        from .preprocess import normalize
+        from ..preprocess import normalize
 
         pix = table[PIXELS]
         views = np.stack([np.frombuffer(pix[i].as_py(), np.uint8).reshape(self.views_shape) for i in rows])

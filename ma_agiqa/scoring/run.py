@@ -1,0 +1,164 @@
+"""``score(request)``: a scoring run from request to summary, in the order it happens.
+
+plan_request (request checked -> model resolved -> input planned -> columns checked -> untrained heads
+refused -> JobSpec) -> Ray -> layout (and the cluster asked for it) -> rows to score (resume) -> Ray Data: decode, model stages,
+parts -> summary (OUTPUT/_summary.json)
+
+Everything before Ray reads files only (no torch, no model): a run that cannot go ahead stops there with a
+JobConfigError or a ManifestError.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from datetime import datetime, timezone
+
+
+from ..score_table import resume_plan
+from ..table_files import count_rows, list_parts, write_json
+from ..uris import join_uri, redact
+from .layout import Layout, plan_layout, wait_for_cluster
+from .plan import Manifest, driver_rows, plan_request
+from .request import ScoreRequest
+from .steps import FetchDecode, JobSpec, ReadInputFiles, ScoreImages, ScoreRows, SemanticFeatures, WriteParts, summarise
+
+SUMMARY_FILE = "_summary.json"
+ROWS_PER_BLOCK = 4096  # at most, per Ray block: per-block costs stay small next to the rows' own work
+
+
+def score(request: ScoreRequest) -> dict:
+    """Scores the request's input into its output table and returns the run's summary (also written to
+    OUTPUT/_summary.json). Rows already in the table for this model are not scored again; ``failed`` in the
+    summary says whether the errors went over ``max_error_fraction``. Raises JobConfigError or
+    ManifestError, before Ray starts, for a request that cannot run."""
+    if request.s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = request.s3_endpoint
+    model, manifest, spec = plan_request(request)
+
+    import ray
+
+    init_ray(request.address, request.s3_endpoint)
+    started = time.time()  # the summary's images/s count from here: Ray up
+    layout = plan_layout(request, bool(spec.semantic_prompts), ray.cluster_resources())
+    wait_for_cluster(layout, local=not (request.address or os.environ.get("RAY_ADDRESS")), timeout_s=request.wait_for_cluster)
+
+    # What this run's rows will say in their model column, needed only to resume: a first run leaves it to
+    # the rows it writes (working it out hashes the weights).
+    scorer = model.model_id if list_parts(request.output) else None
+    retried = 0
+    if scorer:
+        done, retried = resume_plan(request.output, scorer, manifest.ids, manifest.score, request.retry_errors)
+        manifest.score &= ~done
+    todo, n_todo, block = rows_to_score(manifest, spec, request.batch_size, layout.actors)
+    summary = {
+        "model_stages": "fused" if layout.fused else "separate",
+        "decode": "in the model actors" if layout.decode_in_actors else "tasks",
+        "semantic_actors": layout.semantic_actors, "quality_actors": layout.quality_actors, "gpus_per_actor": layout.gpus,
+        "threads_per_actor": layout.threads, "cpus_per_actor": layout.cpus,
+        "manifest": redact(request.manifest), "output": redact(request.output), "model": request.model, "model_id": scorer,
+        "manifest_rows": manifest.rows, "repeated_ids": manifest.repeated,
+        "already_scored": manifest.rows - manifest.repeated - n_todo, "retried": retried, "to_score": n_todo,
+        "rows_per_block": block, "blocks": -(-n_todo // block),
+    }
+    counts = pipeline(todo, spec, layout, request).take_all() if n_todo else []
+    summary.update(summarise(counts))
+    if summary["model_id"] is None:  # no rows written and none to resume
+        summary["model_id"] = model.model_id
+    elapsed = time.time() - started
+    summary.update(
+        table_rows=count_rows(request.output),  # counted now, from the parts' footers
+        elapsed_s=round(elapsed, 2),
+        images_per_s=round(summary["rows"] / elapsed, 2) if summary["rows"] else 0.0,
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    summary["error_fraction"] = round(summary["errors"] / summary["rows"], 4) if summary["rows"] else 0.0
+    summary["max_error_fraction"] = request.max_error_fraction
+    summary["failed"] = summary["error_fraction"] > request.max_error_fraction
+    write_json(json.dumps(summary, indent=2) + "\n", join_uri(request.output, SUMMARY_FILE))
+    return summary
+
+
+def init_ray(address: str | None, s3_endpoint: str | None = None):
+    """Join the cluster at ``address`` / RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
+
+    A local Ray's processes inherit this process's environment (store settings included), so the job sets no
+    runtime_env there: one would keep its actors off the workers Ray starts in advance. A cluster's settings
+    come from its job's runtime_env (cluster/README.md), except an explicit --s3-endpoint, merged into it."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"AWS_ENDPOINT_URL": s3_endpoint} if s3_endpoint and address else {}
+    if env:
+        os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    # "local" always starts a new local Ray: a bare ray.init() would attach to whatever cluster
+    # /tmp/ray/ray_current_cluster names, even a dead one. It starts without the dashboard, whose processes
+    # cost a second of start-up and share a laptop's cores with the job; for one, `ray start --head` and
+    # pass --address.
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
+                 logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", include_dashboard=False, ignore_reinit_error=True, logging_level=logging.WARNING)
+
+
+def rows_per_block(n_rows: int, batch_size: int, n_actors: int) -> int:
+    """Blocks of thousands of rows (a task each, at every stage), but at least four per model actor on a
+    small manifest, so that every actor gets work."""
+    return int(min(ROWS_PER_BLOCK, max(batch_size, -(-n_rows // (4 * max(1, n_actors))))))
+
+
+def rows_to_score(manifest: Manifest, spec: JobSpec, batch_size: int, n_actors: int):
+    """(Ray Dataset of the input rows this run scores, in blocks of ``rows_per_block`` rows, their count, the
+    block size)."""
+    # An input the driver holds goes to Ray as its blocks (from_blocks: no read or repartition task). A
+    # larger one is read again by Ray tasks, a file each, with the same reader.
+    import ray.data
+
+    n = int(manifest.score.sum())
+    block = rows_per_block(n, batch_size, n_actors)
+    if manifest.tables is not None:
+        table = driver_rows(manifest, spec)
+        blocks = [table.slice(i, block) for i in range(0, len(table), block)] or [table]
+        # from_blocks, unlike from_arrow, keeps the blocks as they are and reads their metadata here rather
+        # than in a remote task per block.
+        return ray.data.from_blocks(blocks), n, block
+    skip = manifest.skipped_by_file()
+    files = [{"index": i, "file": f} for i, (f, rows) in enumerate(zip(manifest.source.files, manifest.file_rows()))
+             if rows and len(skip.get(i, [])) < rows]
+    todo = (
+        ray.data.from_items(files, override_num_blocks=len(files))
+        .map_batches(ReadInputFiles(manifest.source, manifest.file_rows(), skip, spec), batch_size=1, batch_format="pyarrow")
+    )
+    return todo.repartition(target_num_rows_per_block=block), n, block
+
+
+def pipeline(todo, spec: JobSpec, layout: Layout, request: ScoreRequest):
+    """The Ray Data pipeline from rows to score to one line of counts per written part."""
+    import ray.data
+
+    # Decoding holds at most JobSpec.decode_memory() bytes per process; Ray is told, so it does not pack
+    # more decoders onto a node than its memory holds.
+    memory = spec.decode_memory()
+    todo = todo.map_batches(
+        FetchDecode(spec), batch_size=request.batch_size, batch_format="pyarrow",
+        # With GPUs: one CPU per decode task, unlike the model actors, so that Ray Data keeps decoding in
+        # parallel tasks running ahead of the GPU actors. Fused on CPUs: the model actors' resources, so
+        # that Ray Data fuses decoding into them and each actor takes its rows from manifest row to score,
+        # with no decoded pixels moved between processes.
+        num_cpus=layout.cpus if layout.decode_in_actors else 1, memory=memory,
+    )
+    if layout.fused:
+        stages = [(ScoreImages, layout.quality_actors)]
+    else:
+        stages = [(SemanticFeatures, layout.semantic_actors)] if layout.semantic_actors else []
+        stages.append((ScoreRows, layout.quality_actors))
+    for stage, size in stages:  # fixed-size pools: models load once per actor, not per batch
+        todo = todo.map_batches(
+            stage, fn_constructor_args=(spec, layout.gpus, layout.threads), batch_size=request.batch_size,
+            batch_format="pyarrow", num_gpus=layout.gpus, num_cpus=layout.cpus,
+            memory=memory if layout.decode_in_actors else None,
+            compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2),
+        )
+    return todo.map_batches(WriteParts(request.output), batch_size=request.rows_per_file, batch_format="pyarrow", num_cpus=0.25)
