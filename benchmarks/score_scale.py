@@ -94,7 +94,7 @@ t0 = time.time()
 from ma_agiqa.score_table import resume_plan
 from ma_agiqa.scoring import ScoreRequest
 from ma_agiqa.scoring.plan import plan_request
-request = ScoreRequest(manifest=sys.argv[1], output=sys.argv[2], image_root=sys.argv[3], allow_untrained=True)
+request = ScoreRequest(manifest=sys.argv[1], output=sys.argv[2], image_root=sys.argv[3], model="tiny-random", allow_untrained=True)
 _, manifest, spec = plan_request(request)
 t1 = time.time()
 done, retried = resume_plan(request.output, "tiny-random@567bfeb48b9e", manifest.ids, manifest.score)

@@ -78,7 +78,7 @@ def actor_startup() -> dict:
     from ma_agiqa.scoring.plan import plan_request
     from ma_agiqa.scoring.steps import ScoreImages
 
-    _, _, spec = plan_request(ScoreRequest(str(SAMPLE / "manifest.jsonl"), "unused", allow_untrained=True))
+    _, _, spec = plan_request(ScoreRequest(str(SAMPLE / "manifest.jsonl"), "unused", model="tiny-random", allow_untrained=True))
     t2 = time.perf_counter()
     ScoreImages(spec, 0.0, 1)
     t3 = time.perf_counter()

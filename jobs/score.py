@@ -114,6 +114,16 @@ class _Interrupts:
         return False
 
 
+def show_extremes(output: str, model_id: str) -> None:
+    """Where to look first: this model's best and worst scored images, and how to read the whole table."""
+    from ma_agiqa.score_table import extremes
+
+    ends = extremes(output, model_id)
+    for name in ("best", "worst"):
+        print(f"{name}: " + ", ".join(f"{r['score']:.2f} {redact(r['uri'] or r['image_id'])}" for r in ends[name]))
+    print(f"all scores: python -c \"import ma_agiqa; print(ma_agiqa.read_scores('{redact(output)}').to_pandas())\"")
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
@@ -136,6 +146,8 @@ def main(argv=None) -> int:
     if summary["to_score"] == 0:
         print(f"nothing to do: all {summary['already_scored']} rows of the manifest are already in {redact(args.output)}")
     print(f"score table: {redact(args.output)} ({summary['table_rows']} rows; summary in {redact(join_uri(args.output, SUMMARY_FILE))})")
+    if summary.get("ok"):
+        show_extremes(args.output, summary["model_id"])
     if summary["failed"]:
         print(f"error: {summary['errors']} of {summary['rows']} rows failed ({summary['error_fraction']:.1%}), over "
               f"--max-error-fraction {args.max_error_fraction:g}; errors by kind: {summary['errors_by_kind']}", file=sys.stderr)

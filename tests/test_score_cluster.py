@@ -73,7 +73,7 @@ def test_killed_run_resumes_to_a_complete_table_without_duplicates(agiqa_sample,
     assert len(names) == len(set(names)) == 160
     pq.write_table(pa.table({"uri": names}), tmp_path / "manifest.parquet")
     out = tmp_path / "scores"
-    cmd = [sys.executable, "-m", "jobs.score", "--allow-untrained", "--manifest", str(tmp_path / "manifest.parquet"),
+    cmd = [sys.executable, "-m", "jobs.score", "--model", "tiny-random", "--allow-untrained", "--manifest", str(tmp_path / "manifest.parquet"),
            "--image-root", str(images), "--output", str(out), "--batch-size", "4", "--rows-per-file", "8"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -115,7 +115,7 @@ def test_ray_job_submit_to_a_head_node(tmp_path):
         runtime_env = {"env_vars": {"MA_AGIQA_CACHE": os.environ["MA_AGIQA_CACHE"]}}
         submit = ["ray", "job", "submit", "--address", address, "--working-dir", ".",
                   "--runtime-env-json", json.dumps(runtime_env), "--",
-                  "python", "-m", "jobs.score", "--allow-untrained", "--manifest", "samples/agiqa3k/manifest.jsonl",
+                  "python", "-m", "jobs.score", "--model", "tiny-random", "--allow-untrained", "--manifest", "samples/agiqa3k/manifest.jsonl",
                   "--image-root", "samples/agiqa3k", "--output", str(out), "--keep-columns", "generator"]
         deadline = time.time() + 60
         while True:  # the dashboard's job API takes a few seconds to come up
@@ -133,7 +133,7 @@ def test_ray_job_submit_to_a_head_node(tmp_path):
     # The killed head leaves /tmp/ray/ray_current_cluster naming a dead cluster: a job without --address
     # must still start its own local Ray rather than wait on that one.
     local = subprocess.run(
-        [sys.executable, "-m", "jobs.score", "--allow-untrained", "--manifest", "samples/agiqa3k/manifest.jsonl", "--image-root",
+        [sys.executable, "-m", "jobs.score", "--model", "tiny-random", "--allow-untrained", "--manifest", "samples/agiqa3k/manifest.jsonl", "--image-root",
          "samples/agiqa3k", "--output", str(tmp_path / "local"), "--limit", "4"],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180, start_new_session=True,
     )

@@ -31,7 +31,7 @@ def local_ray(s3_server):
 
 
 def run_job(*argv) -> dict:
-    return score.run(score.parse_args(["--allow-untrained", *argv]))  # tiny-random's heads are random
+    return score.run(score.parse_args(["--model", "tiny-random", "--allow-untrained", *argv]))  # tiny-random's heads are random
 
 
 def test_sample_manifest_scores_every_row_like_the_library(local_ray, tmp_path, tiny_model):

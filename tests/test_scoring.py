@@ -47,7 +47,7 @@ def test_zero_means_zero_where_zero_can_run():
 
 def test_a_limit_of_zero_is_an_empty_run_not_no_limit(tmp_path):
     with pytest.raises(score_cli.ManifestError, match="empty: no rows within --limit"):
-        score(ScoreRequest(str(SAMPLE / "manifest.jsonl"), str(tmp_path / "o"), limit=0, allow_untrained=True))
+        score(ScoreRequest(str(SAMPLE / "manifest.jsonl"), str(tmp_path / "o"), model="tiny-random", limit=0, allow_untrained=True))
 
 
 # -- the model, resolved once --------------------------------------------------------------------------------

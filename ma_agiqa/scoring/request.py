@@ -18,7 +18,7 @@ class ScoreRequest:
 
     manifest: str  # a Parquet/CSV/JSONL file, a directory or a glob (local, file://, s3://, gs://)
     output: str  # directory URI of the score table
-    model: str = "tiny-random"  # a registered name, or a checkpoint directory (local or s3://)
+    model: str = "ma-agiqa-offline"  # a registered name, or a checkpoint directory (local or s3://)
     allow_untrained: bool = False  # score with heads never trained (random: tests and smoke runs)
     image_root: str | None = None  # relative uris are resolved against it; every uri must lie inside it
     allow_outside_root: bool = False
