@@ -38,8 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generator_baseline import generator_mean_prediction  # noqa: E402
 
-from jobs.train import generator_split  # noqa: E402
-from ma_agiqa.datasets import load_dataset, reference_split, split_three  # noqa: E402
+from ma_agiqa.datasets import generator_split, load_dataset, reference_split, split_three  # noqa: E402
 from ma_agiqa.metrics import iqa_metrics  # noqa: E402
 
 ALPHAS = [10.0 ** k for k in range(-2, 5)]

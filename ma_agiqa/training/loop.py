@@ -1,181 +1,26 @@
-"""Training and prediction on a labelled frame (see datasets.py), with the frozen parts computed once.
-
-- The MLLM is frozen (as in MA-AGIQA): its vectors come from the scoring job run with --keep-features into
-  a cache keyed by the semantic branch's hash (model, prompts, pooling); the job's resume logic makes the
-  cache incremental, and a second run with the same MLLM loads no MLLM at all.
-- A frozen backbone's feature maps are cached too (keyed by backbone, layers, grid and views), and the
-  reference's flip/rot90 augmentation is applied to the cached maps instead of the pixels. With
-  ``trainable_stages``, what is cached is the frozen stages' part: their levels and the input of the stages
-  that train, which run in every step.
-- A trainable backbone trains from the images' 8-bit views, kept in memory.
-"""
+"""The training loop: batches, steps, the epoch kept, resumable state; one process or data-parallel."""
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from .images import decode_image
-from .preprocess import augment, normalize, quality_pixels
-from .metrics import iqa_metrics
-from .schema import feature_column
-from .fetch import Fetcher
-from .tiny import cache_dir
+from ..metrics import iqa_metrics
+from ..preprocess import augment, normalize
+from .features import Inputs
+from .loss import training_loss
 
 
-@dataclass
-class Inputs:
-    """Everything a batch needs, aligned with a frame's rows."""
-
-    mos: np.ndarray  # [N]
-    backbone: np.ndarray | None = None  # [N, C, g, g] float16, for a frozen backbone
-    backbone_cut: np.ndarray | None = None  # [N, C', h, w] float16: the trainable stages' input (trainable_stages)
-    pixels: np.ndarray | None = None  # [N, V, 3, s, s] uint8, for a trainable one
-    semantic: dict | None = None  # prompt name -> [N, D] float32
-    prompt: np.ndarray | None = None  # [N, d] float32
-    prompt_present: np.ndarray | None = None  # [N] bool
-
-
-def _load_pixels(df: pd.DataFrame, views, threads: int = 8) -> np.ndarray:
-    from concurrent.futures import ThreadPoolExecutor
-
-    fetcher = Fetcher()
-
-    def one(uri):
-        return quality_pixels(decode_image(fetcher.fetch(uri)), views).numpy()
-
-    with ThreadPoolExecutor(threads) as pool:
-        return np.stack(list(pool.map(one, df["uri"])))
-
-
-def backbone_key(model) -> str:
-    q = model.cfg.quality
-    parts = [q.backbone, q.pretrained, list(q.layers), q.grid, q.backbone_kwargs, asdict(q.views)]
-    if q.trainable_stages:  # another split of the backbone; the fully frozen caches keep their keys
-        parts.append({"trainable_stages": q.trainable_stages})
-    key = json.dumps(parts, sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-@torch.inference_mode()
-def backbone_features(model, df: pd.DataFrame, root: Path, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """(feature maps of a frozen backbone for every row, None), from the cache where present; with
-    ``trainable_stages``, (the frozen stages' levels, the trainable stages' input)."""
-    directory = root / "backbone" / backbone_key(model)
-    names = ["features", "cut"] if model.cfg.quality.trainable_stages else ["features"]
-    cached: dict[str, tuple] = {}
-    if (directory / "ids.json").exists():
-        ids = json.loads((directory / "ids.json").read_text())
-        arrays = [np.load(directory / f"{name}.npy", mmap_mode="r") for name in names]
-        cached = {i: tuple(a[k] for a in arrays) for k, i in enumerate(ids)}
-    missing = df[~df["image_id"].isin(cached.keys())]
-    backbone = model.quality.backbone
-    for start in range(0, len(missing), 256):
-        chunk = missing.iloc[start : start + 256]
-        pixels = _load_pixels(chunk, model.cfg.quality.views)
-        for i in range(0, len(chunk), batch_size):
-            views = normalize(torch.from_numpy(pixels[i : i + batch_size]), model.cfg.quality.views).flatten(0, 1)
-            outs = backbone.split(views) if len(names) == 2 else (model.quality.features(views),)
-            outs = [o.to(torch.float16).numpy() for o in outs]
-            for k, image_id in enumerate(chunk["image_id"].iloc[i : i + batch_size]):
-                cached[image_id] = tuple(o[k] for o in outs)
-    if len(missing):
-        directory.mkdir(parents=True, exist_ok=True)
-        ids = sorted(cached)
-        for n, name in enumerate(names):
-            tmp = directory / f"{name}.tmp.npy"
-            np.save(tmp, np.stack([cached[i][n] for i in ids]))
-            tmp.replace(directory / f"{name}.npy")
-        (directory / "ids.json").write_text(json.dumps(ids))  # last: it says which rows the arrays hold
-    out = [np.stack([cached[i][n] for i in df["image_id"]]) for n in range(len(names))]
-    stats = {"backbone_cached": len(df) - len(missing), "backbone_computed": len(missing)}
-    return out[0], (out[1] if len(out) > 1 else None), stats
-
-
-def semantic_features(model_ref: str, cfg, df: pd.DataFrame, root: Path, address: str | None = None) -> tuple[dict, dict]:
-    """The MLLM's vectors for every row, computed by the scoring job (--keep-features) into a cache keyed by
-    the semantic branch; only rows the cache lacks are scored."""
-    from jobs import score
-
-    from .hub import fingerprint
-    from .checkpoint import checkpoint_dir
-
-    base = checkpoint_dir(model_ref)
-    weights = fingerprint(cfg.semantic.model_id, str(base) if base else None, cfg.semantic.revision)
-    directory = root / "semantic" / f"{cfg.semantic.prompt_hash()}-{weights}"
-    from .table_files import read_column
-
-    have = set(read_column(str(directory), "image_id").to_pylist())
-    todo = df[~df["image_id"].isin(have)]
-    computed = 0
-    if len(todo):
-        with tempfile.TemporaryDirectory() as tmp:
-            manifest = Path(tmp) / "manifest.parquet"
-            pq.write_table(pa.table({"id": todo["image_id"].tolist(), "uri": todo["uri"].tolist()}), manifest)
-            # The vectors are the MLLM's, whatever the heads: random heads are fine here.
-            argv = ["--manifest", str(manifest), "--output", str(directory), "--model", model_ref, "--keep-features",
-                    "--allow-untrained", "--max-error-fraction", "1"]
-            summary = score.run(score.parse_args(argv + (["--address", address] if address else [])))
-            computed = summary["rows"]
-    from .score_table import read_scores
-
-    table = read_scores(str(directory))  # current rows: a retried row supersedes its error row
-    index = {i: k for k, i in enumerate(table["image_id"].to_pylist())}
-    rows = [index[i] for i in df["image_id"]]
-    status = np.array(table["status"].to_pylist())[rows]
-    if (status != "ok").any():
-        bad = df["image_id"][status != "ok"].tolist()[:5]
-        raise ValueError(f"the MLLM could not read {int((status != 'ok').sum())} images, e.g. {bad}")
-    out = {}
-    for name in cfg.semantic.prompts:
-        col = table[feature_column(name)].combine_chunks()
-        values = col.flatten().to_numpy().astype(np.float32).reshape(len(table), -1)
-        out[name] = values[rows]
-    return out, {"semantic_cached": len(df) - computed, "semantic_computed": computed}
-
-
-@torch.inference_mode()
-def prompt_features(model, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    emb, present = [], []
-    prompts = df["prompt"].tolist()
-    for i in range(0, len(prompts), 256):
-        e, p = model.prompt_encoder(prompts[i : i + 256])
-        emb.append(e.cpu().numpy())
-        present.append(p.cpu().numpy())
-    return np.concatenate(emb), np.concatenate(present)
-
-
-def prepare(model, model_ref: str, df: pd.DataFrame, root: Path | None = None, address: str | None = None) -> tuple[Inputs, dict]:
-    """Compute (or load) every frozen input of ``df`` once."""
-    root = Path(root) if root else cache_dir() / "features"
-    stats = {}
-    inputs = Inputs(mos=df["mos"].to_numpy(np.float32))
-    if model.cfg.quality.freeze_backbone:
-        inputs.backbone, inputs.backbone_cut, s = backbone_features(model, df, root)
-        stats.update(s)
-    else:
-        inputs.pixels = _load_pixels(df, model.cfg.quality.views)
-    if model.cfg.semantic is not None:
-        inputs.semantic, s = semantic_features(model_ref, model.cfg, df, root, address)
-        stats.update(s)
-    if model.prompt_encoder is not None:
-        inputs.prompt, inputs.prompt_present = prompt_features(model, df)
-    return inputs, stats
-
-
-def forward_rows(model, inputs: Inputs, idx: np.ndarray, train: bool = False, generator=None, drop_prompt=None):
+def forward_rows(model, inputs: Inputs, idx: np.ndarray, train: bool = False, generator=None, drop_prompt=None,
+                 net=None):
     """(MOS predictions [b], gates [b, E]) for rows ``idx``; augmented when training. ``drop_prompt`` ([b]
-    bool) marks rows whose prompt expert is treated as absent, as for an image scored without a prompt."""
+    bool) marks rows whose prompt expert is treated as absent, as for an image scored without a prompt.
+    ``net``: what runs the forward, where it is not ``model`` itself (``model`` wrapped for data parallelism)."""
     views = model.cfg.quality.views
     device = next(model.quality.parameters()).device
     if inputs.backbone is not None:
@@ -202,7 +47,7 @@ def forward_rows(model, inputs: Inputs, idx: np.ndarray, train: bool = False, ge
         if drop_prompt is not None:
             present = present & ~torch.as_tensor(drop_prompt, dtype=torch.bool)
         present = present.to(device)
-    return model(semantic=semantic, prompt_embedding=emb, prompt_present=present, **kwargs)
+    return (net or model)(semantic=semantic, prompt_embedding=emb, prompt_present=present, **kwargs)
 
 
 @torch.inference_mode()
@@ -223,26 +68,6 @@ def prompt_dropout(n: int, fraction: float, generator: torch.Generator) -> np.nd
     """[n] bool: the rows of a batch whose prompt expert training marks absent (each with probability
     ``fraction``)."""
     return (torch.rand(n, generator=generator) < fraction).numpy()
-
-
-def training_loss(pred: torch.Tensor, mos: torch.Tensor, mos_std: float, batch_size: int, t) -> torch.Tensor:
-    """This share's part of the batch's loss: the MSE on MOS / ``mos_std`` (summed here, divided by the whole
-    batch's size, so that workers' shares add up to it), plus the batch-level terms of ``t`` (``plcc_loss``,
-    ``rank_loss``), which need the whole batch in one process."""
-    err = (pred - mos) / mos_std
-    loss = torch.sum(err**2) / batch_size
-    if t.plcc_loss and len(pred) > 1:
-        p, m = pred - pred.mean(), mos - mos.mean()
-        # PLCC's gradient grows as 1 / the predictions' spread: a batch predicted (nearly) alike, as a head
-        # starts or a dead ReLU leaves it, has no correlation to follow, and gets the MSE alone.
-        if p.detach().std() > 1e-3 * mos_std:
-            loss = loss + t.plcc_loss * (1 - torch.sum(p * m) / (p.norm() * m.norm() + 1e-8))
-    if t.rank_loss:
-        higher = mos[:, None] > mos[None, :]  # pairs (i, j) where i's MOS is above j's
-        if higher.any():
-            diff = (pred[:, None] - pred[None, :]) / mos_std
-            loss = loss + t.rank_loss * torch.nn.functional.softplus(-diff[higher]).mean()
-    return loss
 
 
 def _scheduler(opt, t, steps_per_epoch: int):
@@ -285,7 +110,8 @@ def _save_state(path: Path, state: dict) -> None:
 
 
 def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, world: int = 1,
-          state_path: str | Path | None = None, progress: bool | None = False, stop_after: int | None = None) -> dict:
+          state_path: str | Path | None = None, progress: bool | None = False, stop_after: int | None = None,
+          parallel=None) -> dict:
     """Trains the trainable parts of ``model`` in place; keeps the epoch with the best val SRCC + PLCC.
 
     Expert dropout: with a prompt expert, each training image's prompt is marked absent with probability
@@ -298,10 +124,12 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
     uninterrupted one ends. ``stop_after`` ends the call after that many epochs in all (as a kill would).
     ``progress``: a progress bar per epoch with the loss, then val SRCC (None: only on a terminal).
 
-    Data parallel when ``world`` > 1 (under torch.distributed, as Ray Train's TorchTrainer sets it up): every
-    worker draws the same batches, computes its share of each (rows rank, rank + world, ...) and the
-    gradients are summed across workers, each share's loss divided by the whole batch's size, so a step is
-    the single-process step and the same code serves both."""
+    Data parallel when ``world`` > 1, ``parallel`` being ``model`` wrapped in torch's DistributedDataParallel
+    (``ray.train.torch.prepare_model``, as ``distributed.train_worker`` does): every worker draws the same
+    batches and computes its share of each (rows rank, rank + world, ...). A share's loss is its rows' part
+    of the whole batch's loss (``training_loss``), times ``world``: DDP averages the workers' gradients, so
+    the average of the scaled shares is the gradient of the whole batch's loss, and a step is the
+    single-process step. Nothing may couple a batch's rows (``check_data_parallel``)."""
     from tqdm.auto import tqdm
 
     t = model.cfg.train
@@ -319,14 +147,16 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
     drop = t.drop_prompt if train_in.prompt is not None else 0.0
     drop_gen = torch.Generator().manual_seed(t.seed + 1_000_003)
     if world > 1:
-        check_data_parallel(model.cfg.moe, t, world)
+        if parallel is None:
+            raise ValueError("data-parallel training runs the model wrapped for it (parallel=prepare_model(model))")
+        check_data_parallel(model, t, world)
     if t.normalize_mos:
         model.cfg.mos_mean, model.cfg.mos_std = float(train_in.mos.mean()), float(train_in.mos.std())
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("semantic.", "prompt_encoder."))]
-    params = [p for _, p in named]
     backbone = [p for n, p in named if n.startswith("quality.backbone.")]
     head = [p for n, p in named if not n.startswith("quality.backbone.")]
-    groups = [{"params": head}] + ([{"params": backbone, "lr": t.backbone_lr or t.lr}] if backbone else [])
+    backbone_lr = t.lr if t.backbone_lr is None else t.backbone_lr
+    groups = [{"params": head}] + ([{"params": backbone, "lr": backbone_lr}] if backbone else [])
     opt = torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
     steps_per_epoch = math.ceil(len(train_in.mos) / t.batch_size)
     sched = _scheduler(opt, t, steps_per_epoch)
@@ -349,7 +179,7 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
         first = len(history)
         log(f"resuming from {state_path} after epoch {first} of {t.epochs}")
     device = next(model.quality.parameters()).device
-    mos = torch.from_numpy(train_in.mos).to(device)
+    mos = torch.tensor(train_in.mos, device=device)  # a copy: the arrays may be the object store's, read-only
     autocast = forward_precision(device, t.precision)
     for epoch in range(first, t.epochs if stop_after is None else min(t.epochs, stop_after)):
         model.train()
@@ -364,19 +194,20 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
             batch = order[i : i + t.batch_size]
             idx = batch[rank::world]
             dropped = prompt_dropout(len(batch), drop, drop_gen)[rank::world] if drop > 0 else None
+            # A worker whose share is empty (a last batch smaller than the workers) still takes part in the
+            # step's gradient exchange: it runs one row with weight 0.
+            weight = 1.0 if len(idx) else 0.0
+            rows = idx if len(idx) else batch[:1]
             opt.zero_grad()
-            batch_loss = 0.0  # this worker's share of the batch's mean loss
+            with autocast:
+                pred, _ = forward_rows(model, train_in, rows, train=True, generator=aug_gen,
+                                       drop_prompt=dropped if len(idx) else None, net=parallel)
+            pred = pred.float()
+            loss = weight * training_loss(pred, mos[rows], model.cfg.mos_std, len(batch), t)
+            (loss * world).backward()  # DDP averages over the workers; one process: world is 1
             if len(idx):
-                with autocast:
-                    pred, _ = forward_rows(model, train_in, idx, train=True, generator=aug_gen, drop_prompt=dropped)
-                pred = pred.float()
                 train_pred[idx] = pred.detach().cpu().numpy()
-                loss = training_loss(pred, mos[idx], model.cfg.mos_std, len(batch), t)
-                loss.backward()
-                batch_loss = loss.item()
-            losses.append(batch_loss)
-            if world > 1:
-                _sum_gradients(params)
+            losses.append(loss.item())  # this worker's share of the batch's mean loss
             opt.step()
             sched.step()
             bar.update(1)
@@ -415,15 +246,6 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
     return {"history": history, "best_epoch": best_epoch, "best": best_row, "finished": finished}
 
 
-def _sum_gradients(params) -> None:
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-
-
 def _sum_array(values: np.ndarray) -> np.ndarray:
     import torch.distributed as dist
 
@@ -432,85 +254,31 @@ def _sum_array(values: np.ndarray) -> np.ndarray:
     return tensor.numpy()
 
 
-def train_worker(config: dict) -> None:
-    """Ray Train's per-worker loop (jobs.train --workers N): builds the model as the single process does and
-    runs ``train`` on this worker's share; rank 0 reports the checkpoint."""
-    import os
+def batch_coupled(model) -> list[str]:
+    """The modules of ``model`` whose output for one row depends on the other rows of its batch as training
+    runs them: every BatchNorm left in train mode by ``model.train()`` (which keeps frozen parts in eval
+    mode), whether in a head, a stats expert or backbone stages that train."""
+    from torch.nn.modules.batchnorm import _BatchNorm
 
-    import ray.train
-    from ray.train import Checkpoint
-
-    from .model import create_model
-
-    from ray.train.torch import get_device
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config.get("threads", 1))
-    torch.manual_seed(0)
-    model = create_model(config["model"], device=get_device(), with_semantic=False, shipped=False,
-                         **config.get("overrides", {}))
-    for k, v in config["train"].items():
-        setattr(model.cfg.train, k, v)
-    result = train(model, config["train_in"], config["val_in"], log=(print if rank == 0 else (lambda _: None)),
-                   rank=rank, world=world)
-    metrics = {"best_epoch": result["best_epoch"], **{k: v for k, v in result["best"].items() if k != "epoch"}}
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            with open(os.path.join(tmp, "train_result.json"), "w") as f:
-                json.dump(result, f)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-    else:
-        ray.train.report(metrics)
+    was_training = model.training
+    model.train()
+    try:
+        return [name for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.training]
+    finally:
+        model.train(was_training)
 
 
-def check_data_parallel(moe, t, workers: int) -> None:
+def check_data_parallel(model, t, workers: int) -> None:
     """A step on N workers equals the single-process step only where nothing depends on the batch as a
-    whole, which the workers split: not a stats expert's BatchNorm (it standardises over the batch), nor the
+    whole, which the workers split: no module that standardises over the batch (``batch_coupled``), nor the
     loss's PLCC and ranking terms (``t``: the TrainConfig the run will use)."""
     if workers <= 1:
         return
-    if any(e.source == "stats" for e in moe.experts):
-        raise ValueError("a stats expert standardises its input over the whole batch (a BatchNorm), which "
-                         "data-parallel workers split: train it in one process (--workers 1)")
+    coupled = batch_coupled(model)
+    if coupled:
+        raise ValueError(f"{', '.join(coupled[:3])}{' ...' if len(coupled) > 3 else ''}: a BatchNorm in train mode "
+                         "standardises over the whole batch, which data-parallel workers split: train it in one "
+                         "process (--workers 1)")
     if t.plcc_loss or t.rank_loss:
         raise ValueError("the PLCC and ranking loss terms are computed over the whole batch, which "
                          "data-parallel workers split: train them in one process (--workers 1)")
-
-
-def train_distributed(model_ref: str, train_overrides: dict, train_in: Inputs, val_in: Inputs, output: Path,
-                      workers: int, use_gpu: bool = False, storage: str | None = None,
-                      model_overrides: dict | None = None) -> dict:
-    """Runs ``train_worker`` on ``workers`` Ray Train workers (the Ray cluster of the caller) and copies the
-    best checkpoint to ``output``; returns what ``train`` returns."""
-    import shutil
-
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from ma_agiqa.checkpoint import load_config
-
-    cfg = load_config(model_ref)
-    for k, v in train_overrides.items():
-        setattr(cfg.train, k, v)
-    check_data_parallel((model_overrides or {}).get("moe") or cfg.moe, cfg.train, workers)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"model": model_ref, "train": train_overrides, "train_in": train_in, "val_in": val_in,
-                           "overrides": model_overrides or {}},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(storage_path=storage or tempfile.mkdtemp(prefix="ma_agiqa_train_")),
-    )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as directory:
-        output.mkdir(parents=True, exist_ok=True)
-        for item in Path(directory).iterdir():
-            if item.is_file():
-                shutil.copy2(item, output / item.name)
-            else:
-                shutil.copytree(item, output / item.name, dirs_exist_ok=True)
-    result_file = output / "train_result.json"
-    trained = json.loads(result_file.read_text())
-    result_file.unlink()
-    return trained
