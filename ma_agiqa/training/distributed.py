@@ -41,7 +41,10 @@ def train_worker(config: dict) -> None:
     for k, v in config["train"].items():
         setattr(model.cfg.train, k, v)
     train_in, val_in = ray.get(config["inputs"])
-    parallel = prepare_model(model) if world > 1 else None
+    # Some trainable parameters take no part in a given forward (an expert whose input a model lacks, a
+    # head's layers that the config bypasses): DDP must look for them each step instead of waiting for their
+    # gradients; where no worker used one, its gradient stays unset, as in one process.
+    parallel = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) if world > 1 else None
     result = train(model, train_in, val_in, log=(print if rank == 0 else (lambda _: None)), rank=rank, world=world,
                    parallel=parallel)
     metrics = {"best_epoch": result["best_epoch"], **{k: v for k, v in result["best"].items() if k != "epoch"}}

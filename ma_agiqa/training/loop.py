@@ -20,16 +20,18 @@ def forward_rows(model, inputs: Inputs, idx: np.ndarray, train: bool = False, ge
                  net=None):
     """(MOS predictions [b], gates [b, E]) for rows ``idx``; augmented when training. ``drop_prompt`` ([b]
     bool) marks rows whose prompt expert is treated as absent, as for an image scored without a prompt.
-    ``net``: what runs the forward, where it is not ``model`` itself (``model`` wrapped for data parallelism)."""
+    ``net``: what runs the forward, where it is not ``model`` itself (``model`` wrapped for data parallelism).
+    ``generator``: the augmentation's stream, or a list of one per row."""
     views = model.cfg.quality.views
     device = next(model.quality.parameters()).device
+    gens = generator if isinstance(generator, list) else [generator] * len(idx)
     if inputs.backbone is not None:
         feats = torch.from_numpy(inputs.backbone[idx]).float()
         cut = None if inputs.backbone_cut is None else torch.from_numpy(inputs.backbone_cut[idx]).float()
         if train and cut is None:
-            feats = torch.stack([augment(f.unsqueeze(0), generator, model.cfg.train.aug_p)[0] for f in feats])
+            feats = torch.stack([augment(f.unsqueeze(0), g, model.cfg.train.aug_p)[0] for f, g in zip(feats, gens)])
         elif train:  # the same flip and turn for an image's two maps
-            pairs = [augment((f.unsqueeze(0), c.unsqueeze(0)), generator, model.cfg.train.aug_p) for f, c in zip(feats, cut)]
+            pairs = [augment((f.unsqueeze(0), c.unsqueeze(0)), g, model.cfg.train.aug_p) for f, c, g in zip(feats, cut, gens)]
             feats, cut = torch.cat([f for f, _ in pairs]), torch.cat([c for _, c in pairs])
         kwargs = {"backbone_features": feats.to(device)}
         if cut is not None:
@@ -37,7 +39,7 @@ def forward_rows(model, inputs: Inputs, idx: np.ndarray, train: bool = False, ge
     else:
         px = torch.from_numpy(inputs.pixels[idx])  # [b, V, 3, s, s]
         if train:
-            px = torch.stack([augment(p, generator, model.cfg.train.aug_p) for p in px])
+            px = torch.stack([augment(p, g, model.cfg.train.aug_p) for p, g in zip(px, gens)])
         kwargs = {"views": normalize(px.to(device), views)}
     semantic = {k: torch.from_numpy(v[idx]).to(device) for k, v in (inputs.semantic or {}).items()}
     emb = present = None
@@ -126,7 +128,8 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
 
     Data parallel when ``world`` > 1, ``parallel`` being ``model`` wrapped in torch's DistributedDataParallel
     (``ray.train.torch.prepare_model``, as ``distributed.train_worker`` does): every worker draws the same
-    batches and computes its share of each (rows rank, rank + world, ...). A share's loss is its rows' part
+    batches, draws every augmentation of each batch (applying its own rows') and computes its share of
+    each (rows rank, rank + world, ...). A share's loss is its rows' part
     of the whole batch's loss (``training_loss``), times ``world``: DDP averages the workers' gradients, so
     the average of the scaled shares is the gradient of the whole batch's loss, and a step is the
     single-process step. Nothing may couple a batch's rows (``check_data_parallel``)."""
@@ -138,9 +141,8 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
     key = run_key(model, train_in, val_in)
     torch.manual_seed(t.seed)
     gen = torch.Generator().manual_seed(t.seed)
-    # One process draws batches and augmentations from one stream (so its runs reproduce the recorded ones);
-    # workers share the batch order and augment their own rows from their own streams.
-    aug_gen = gen if world == 1 else torch.Generator().manual_seed(t.seed + 1 + rank)
+    # Batches and augmentations are drawn from one stream (so that runs reproduce the recorded ones); every
+    # worker draws all of a batch's augmentations, as one process does, and applies its own rows' (``_share``).
     # Prompt dropout draws from a stream of its own, for whole batches, so every worker marks the same rows
     # and runs without it draw exactly as before.
     t.check()
@@ -199,8 +201,9 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
             weight = 1.0 if len(idx) else 0.0
             rows = idx if len(idx) else batch[:1]
             opt.zero_grad()
+            aug = gen if world == 1 else _share(gen, len(batch), rank, world, t.aug_p) or [torch.Generator()]
             with autocast:
-                pred, _ = forward_rows(model, train_in, rows, train=True, generator=aug_gen,
+                pred, _ = forward_rows(model, train_in, rows, train=True, generator=aug,
                                        drop_prompt=dropped if len(idx) else None, net=parallel)
             pred = pred.float()
             loss = weight * training_loss(pred, mos[rows], model.cfg.mos_std, len(batch), t)
@@ -244,6 +247,21 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
     model.eval()
     best_row = history[[h["epoch"] for h in history].index(best_epoch)] if history else None
     return {"history": history, "best_epoch": best_epoch, "best": best_row, "finished": finished}
+
+
+_DRAW = torch.zeros(1, 1, 1, 1)  # what a row's augmentation draws are made on where the row is another worker's
+
+
+def _share(gen: torch.Generator, n: int, rank: int, world: int, p: float) -> list[torch.Generator]:
+    """For a batch of ``n`` rows: a generator per row of this worker's share (rows rank, rank + world, ...),
+    each at the state one process's ``gen`` is in when it augments that row; ``gen`` ends where one process
+    leaves it after the batch."""
+    own = []
+    for j in range(n):
+        if j % world == rank:
+            own.append(torch.Generator().set_state(gen.get_state()))
+        augment(_DRAW, gen, p)
+    return own
 
 
 def _sum_array(values: np.ndarray) -> np.ndarray:
