@@ -3,10 +3,11 @@ its generator's training images. A model near this figure has learnt to tell gen
 images within one; the per-generator SRCC of a model (jobs.evaluate) says how far it goes beyond.
 
     python benchmarks/generator_baseline.py [--data-root ../shared/datasets/agiqa3k] [--split-file RUN/split.csv]
+        [--smoke]
 
 Without --split-file: the reference's split procedure (jobs.train --split reference) and three seeded
 three-way splits (--split-seed 1..3, 10 % val, 20 % test), the parts jobs.train would use; the val part is not
-needed (nothing is chosen) and is left out. Prints JSON.
+needed (nothing is chosen) and is left out. Prints JSON. --smoke: on the 40 images of samples/agiqa3k.
 """
 from __future__ import annotations
 
@@ -40,7 +41,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "agiqa3k"))
     p.add_argument("--split-file", default=None, help="a jobs.train run's split.csv")
+    p.add_argument("--smoke", action="store_true", help="seconds: the 40 images of samples/agiqa3k")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.data_root = str(Path(__file__).resolve().parents[1] / "samples" / "agiqa3k")
     df = load_dataset("agiqa3k", args.data_root)
     out = {}
     if args.split_file:

@@ -6,7 +6,7 @@ the test part. Seconds instead of a training run, so it can be run on every spli
 left out, where the head's recipe costs 10-15 minutes a run on 2 cores.
 
     python benchmarks/linear_probe.py [--data-root ../shared/datasets/agiqa3k] [--model ma-agiqa-offline-quality]
-        [--features BACKBONE@SIZE ...] [--pool mean-std|max|p10-p90|quadrants]
+        [--features BACKBONE@SIZE ...] [--pool mean-std|max|p10-p90|quadrants] [--cache-dir DIR] [--smoke]
 
 --features (repeatable) replaces the config's backbone and view size (e.g. tf_efficientnet_lite2@448: the
 whole 512 px image resized to 448 instead of 224) and concatenates the pooled maps of every set given; each
@@ -38,8 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generator_baseline import generator_mean_prediction  # noqa: E402
 
-from jobs.train import generator_split  # noqa: E402
-from ma_agiqa.datasets import load_dataset, reference_split, split_three  # noqa: E402
+from ma_agiqa.datasets import generator_split, load_dataset, reference_split, split_three  # noqa: E402
 from ma_agiqa.metrics import iqa_metrics  # noqa: E402
 
 ALPHAS = [10.0 ** k for k in range(-2, 5)]
@@ -61,7 +60,7 @@ def _quadrant_means(m: np.ndarray) -> np.ndarray:
 
 
 def pooled_features(model_ref: str, df: pd.DataFrame, backbone: str | None = None, size: int | None = None,
-                    pool: str = "mean-std") -> np.ndarray:
+                    pool: str = "mean-std", cache: str | None = None) -> np.ndarray:
     """[N, kC]: mean and std over the grid of each image's cached backbone map (computed where not cached),
     and what ``pool`` adds."""
     import dataclasses
@@ -73,7 +72,7 @@ def pooled_features(model_ref: str, df: pd.DataFrame, backbone: str | None = Non
     q = get_config(model_ref).quality
     q = dataclasses.replace(q, backbone=backbone or q.backbone, views=dataclasses.replace(q.views, size=size or q.views.size))
     model = create_model(model_ref, with_semantic=False, shipped=False, quality=q)
-    maps, _, _ = backbone_features(model, df, cache_dir() / "features")
+    maps, _, _ = backbone_features(model, df, Path(cache) if cache else cache_dir() / "features")
     out = []
     for i in range(0, len(df), 256):
         m = maps[i : i + 256].astype(np.float32).reshape(min(256, len(df) - i), maps.shape[1], -1)
@@ -142,10 +141,19 @@ def main(argv=None) -> int:
     p.add_argument("--head-repeats", type=Path, default=None, metavar="RUN",
                    help="a jobs.train --repeats 3 --split-seed 1 --val-fraction 0.1 --test-fraction 0.2 run: score its "
                         "heads too, and the mean of head and probe")
+    p.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/ma_agiqa/features)")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds: samples/agiqa3k's 40 images, tf_efficientnet_lite0@64, a temporary cache")
     args = p.parse_args(argv)
+    if args.smoke:
+        import tempfile
+
+        args.data_root = str(Path(__file__).resolve().parents[1] / "samples" / "agiqa3k")
+        args.features = args.features or ["tf_efficientnet_lite0@64"]
+        args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="linear_probe_smoke_")
     df = load_dataset("agiqa3k", args.data_root)
     sets = [(b, int(s)) for b, _, s in (f.partition("@") for f in args.features)] or [(None, None)]
-    features = np.concatenate([pooled_features(args.model, df, b, s, args.pool) for b, s in sets], axis=1)
+    features = np.concatenate([pooled_features(args.model, df, b, s, args.pool, args.cache_dir) for b, s in sets], axis=1)
     out = {"model": args.model, "feature_sets": args.features or ["config"], "pool": args.pool, "features": features.shape[1],
            "reference": probe(features, df, reference_split(df))}
     out["seeds"] = {s: probe(features, df, split_three(df, s, False, 0.1, 0.2)) for s in (1, 2, 3)}

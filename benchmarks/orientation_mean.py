@@ -3,8 +3,11 @@ with the mean over a horizontal flip, and with the mean over all 8 flips and qua
 map (the orientations training's augmentation draws), from the cached maps.
 
     python benchmarks/orientation_mean.py MODEL [--split-file RUN/split.csv] [--data-root ../shared/datasets/agiqa3k]
+    python benchmarks/orientation_mean.py --smoke
 
 MODEL is a registered name or a checkpoint directory; without --split-file the label file's split is used.
+--smoke: an untrained ma-agiqa-offline-quality on tf_efficientnet_lite0 at 64 px, samples/agiqa3k, a temporary
+cache (seconds; figures of no meaning).
 """
 from __future__ import annotations
 
@@ -43,14 +46,31 @@ def oriented_predictions(model, inputs, flip: bool, turns: int, batch_size: int 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", default=None)
     p.add_argument("--data-root", default="../shared/datasets/agiqa3k")
     p.add_argument("--split-file", default=None)
+    p.add_argument("--smoke", action="store_true", help="seconds: an untrained small model on samples/agiqa3k")
     args = p.parse_args()
+    cache = None
+    if args.smoke:
+        import dataclasses
+        import tempfile
+
+        from ma_agiqa import get_config
+
+        args.model = args.model or "ma-agiqa-offline-quality"
+        args.data_root = str(Path(__file__).resolve().parents[1] / "samples" / "agiqa3k")
+        cache = tempfile.mkdtemp(prefix="orientation_mean_smoke_")
+        q = get_config(args.model).quality
+        q = dataclasses.replace(q, backbone="tf_efficientnet_lite0", views=dataclasses.replace(q.views, size=64))
+        model = create_model(args.model, with_semantic=False, shipped=False, quality=q).eval()
+    elif args.model is None:
+        p.error("MODEL is required (or --smoke)")
+    else:
+        model = create_model(args.model, with_semantic=False).eval()
     df = load_dataset("agiqa3k", args.data_root)
     if args.split_file:
         df = df.drop(columns="split").merge(pd.read_csv(args.split_file)[["image_id", "split"]], on="image_id")
-    model = create_model(args.model, with_semantic=False).eval()
     if not model.cfg.quality.freeze_backbone:
         raise SystemExit("orientation means are taken over cached maps: a frozen backbone's model")
     result = {"model": model.model_id}
@@ -58,7 +78,7 @@ def main() -> None:
         rows = df[df["split"] == part].reset_index(drop=True)
         if rows.empty:
             continue
-        inputs, _ = prepare(model, args.model, rows)
+        inputs, _ = prepare(model, args.model, rows, cache)
         preds = [oriented_predictions(model, inputs, flip, k) for flip in (False, True) for k in range(4)]
         mos = rows["mos"].to_numpy()
         result[part] = {name: {k: round(v, 4) for k, v in iqa_metrics(pred, mos).items() if k in ("srcc", "plcc")}

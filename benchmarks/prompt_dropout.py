@@ -4,12 +4,13 @@ prompt expert absent (as a null or empty prompt is scored), through the path job
 frozen features, ``training.predict``).
 
     python benchmarks/prompt_dropout.py [--model ma-agiqa-offline] [--data-root ../shared/datasets/agiqa3k]
-        [--split val] [--output FILE.json]
+        [--split val] [--output FILE.json] [--smoke]
 
 Prints, for each of the two: the score range, mean and std, SRCC, PLCC (after the 4-parameter logistic fit,
 as everywhere in this project), raw Pearson r and raw RMSE against MOS (no fit: the fit hides a shifted
 scale), the prompt expert's mean gate; and the mean and largest absolute difference between the two scores of
-one image.
+one image. --smoke: an untrained ma-agiqa-offline on tf_efficientnet_lite0 at 64 px, samples/agiqa3k's val
+images, a temporary cache (seconds; figures of no meaning).
 """
 from __future__ import annotations
 
@@ -45,10 +46,19 @@ def summary(pred: np.ndarray, gates: np.ndarray, mos: np.ndarray, prompt_gate: i
     }
 
 
-def measure(model_ref: str, data_root: str, split: str = "val", cache_dir: str | None = None) -> dict:
+def smoke_model(model_ref: str):
+    """``model_ref`` untrained, on a small backbone at 64 px: seconds to build and to compute features for."""
+    from ma_agiqa import get_config
+
+    q = get_config(model_ref).quality
+    q = dataclasses.replace(q, backbone="tf_efficientnet_lite0", views=dataclasses.replace(q.views, size=64))
+    return create_model(model_ref, with_semantic=False, shipped=False, quality=q)
+
+
+def measure(model_ref: str, data_root: str, split: str = "val", cache_dir: str | None = None, model=None) -> dict:
     df = load_dataset("agiqa3k", data_root)
     df = df[df["split"] == split].reset_index(drop=True)
-    model = create_model(model_ref, with_semantic=False)
+    model = model or create_model(model_ref, with_semantic=False)
     if "prompt" not in model.cfg.expert_names:
         raise SystemExit(f"{model_ref} has no prompt expert")
     inputs, _ = prepare(model, model_ref, df, cache_dir)
@@ -76,9 +86,17 @@ def main():
     p.add_argument("--split", default="val")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--output", default=None)
+    p.add_argument("--smoke", action="store_true", help="seconds: an untrained small model on samples/agiqa3k")
     args = p.parse_args()
     torch.set_num_threads(2)
-    out = measure(args.model, args.data_root, args.split, args.cache_dir)
+    model = None
+    if args.smoke:
+        import tempfile
+
+        args.data_root = str(Path(__file__).resolve().parents[1] / "samples" / "agiqa3k")
+        args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="prompt_dropout_smoke_")
+        model = smoke_model(args.model)
+    out = measure(args.model, args.data_root, args.split, args.cache_dir, model)
     text = json.dumps(out, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")

@@ -1,10 +1,11 @@
 """One training step of ``ma-agiqa-offline-quality`` with its whole backbone trainable, float32 against
 ``--precision bfloat16`` (autocast over the forward, as ``training.train`` runs it).
 
-    python benchmarks/train_step.py [--model ma-agiqa-offline-quality] [--batch-size 8] [--rounds 3]
+    python benchmarks/train_step.py [--model ma-agiqa-offline-quality] [--batch-size 8] [--rounds 3] [--smoke]
 
 A step is what ``train`` does per batch: the augmented forward, the loss, backward and Adam. The two
 precisions alternate (one step of each per round, the best of the rounds), so a busy machine moves both alike.
+--smoke: a step of 2 on tf_efficientnet_lite0 at 64 px, one round (seconds; no timing worth reading).
 """
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ def main() -> None:
     p.add_argument("--model", default="ma-agiqa-offline-quality")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--smoke", action="store_true", help="seconds: lite0 at 64 px, a batch of 2, one round")
     args = p.parse_args()
+    if args.smoke:
+        args.batch_size, args.rounds = 2, 1
 
     from ma_agiqa import create_model
     from ma_agiqa.checkpoint import load_config
@@ -31,6 +35,9 @@ def main() -> None:
 
     cfg = load_config(args.model)
     quality = dataclasses.replace(cfg.quality, freeze_backbone=False)
+    if args.smoke:
+        quality = dataclasses.replace(quality, backbone="tf_efficientnet_lite0",
+                                      views=dataclasses.replace(quality.views, size=64))
     model = create_model(args.model, with_semantic=False, shipped=False, quality=quality)
     model.cfg.mos_std = 1.0
     size = quality.views.size

@@ -17,9 +17,12 @@ import pandas as pd
 
 
 def parse_args(argv=None):
+    from ma_agiqa.datasets import LOADERS
+    from ma_agiqa.registry import DEFAULT_MODEL
+
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--dataset", default="agiqa3k", choices=["agiqa3k", "agiqa1k", "aigciqa2023", "aigiqa20k"],
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a registered config or a checkpoint directory (default {DEFAULT_MODEL})")
+    p.add_argument("--dataset", default="agiqa3k", choices=sorted(LOADERS),
                    help="the label file's layout (ma_agiqa/datasets.py)")
     p.add_argument("--data-root", required=True)
     p.add_argument("--labels", default=None)

@@ -55,11 +55,19 @@ def _weight(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     from ma_agiqa.config import PRECISIONS
+    from ma_agiqa.datasets import LOADERS
 
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="agiqa3k", choices=["agiqa3k", "agiqa1k", "aigciqa2023", "aigiqa20k"],
+    p.add_argument("--dataset", default="agiqa3k", choices=sorted(LOADERS),
                    help="the label file's layout (ma_agiqa/datasets.py)")
     p.add_argument("--data-root", required=True)
     p.add_argument("--labels", default=None, help="label file (default: the dataset's own under --data-root)")
@@ -81,12 +89,14 @@ def parse_args(argv=None):
     p.add_argument("--split-file", default=None, help="CSV with image_id,split columns")
     p.add_argument("--split-seed", type=int, default=None, help="seeded random split instead of the label file's")
     p.add_argument("--split-by-prompt", action="store_true", help="no prompt on both sides of the split")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    # Training options: None is the config's value; any value given, 0 included, is used as given.
+    p.add_argument("--epochs", type=_count, default=None, help="epochs to train (>= 1; default: the config's)")
+    p.add_argument("--lr", type=_weight, default=None,
+                   help="learning rate (>= 0; 0 trains nothing, the heads keep their initial weights)")
+    p.add_argument("--batch-size", type=_count, default=None)
     p.add_argument("--scheduler", choices=["cosine-iter", "cosine-epoch"], default=None,
                    help="cosine-iter: the reference's CosineAnnealingLR(T_max) stepped per iteration")
-    p.add_argument("--t-max", type=int, default=None)
+    p.add_argument("--t-max", type=_count, default=None)
     p.add_argument("--warmup-epochs", type=float, default=None,
                    help="linear warm-up of the rates over this many epochs before the cosine (cosine-epoch)")
     p.add_argument("--plcc-loss", type=_weight, default=None,
@@ -98,7 +108,7 @@ def parse_args(argv=None):
                    help="train on (mos - mean) / std of the training split (--no-normalize-mos: raw MOS)")
     p.add_argument("--backbone", choices=["config", "frozen", "trainable"], default="config",
                    help="freeze the quality backbone or train it (registered configs; default: as the config says)")
-    p.add_argument("--backbone-lr", type=float, default=None, help="learning rate of a trainable backbone (default: --lr)")
+    p.add_argument("--backbone-lr", type=_weight, default=None, help="learning rate of a trainable backbone (default: --lr)")
     p.add_argument("--trainable-stages", type=int, default=None, metavar="N",
                    help="train the backbone's last N stages (a CNN's blocks) and keep the rest frozen, its outputs "
                         "cached: partial fine-tuning at a fraction of a trainable backbone's cost (default: the "
@@ -121,7 +131,7 @@ def parse_args(argv=None):
                    help="a progress bar per epoch (default: on a terminal)")
     p.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/ma_agiqa/features)")
     p.add_argument("--address", default=None, help="Ray address for the MLLM feature extraction and --workers")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=_count, default=1,
                    help="data-parallel Ray Train workers (TorchTrainer); 1: this process alone")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="train on a GPU (one per worker); default: when one is visible (single process) / off (workers)")
@@ -140,11 +150,14 @@ def split_scheme(args) -> str:
 
 def splits(args, df: pd.DataFrame, repeat: int):
     """(train, val, test); test is empty where the split has no test part."""
-    from ma_agiqa.datasets import REFERENCE_SPLIT_SEED, reference_split, split_three
+    from ma_agiqa.datasets import REFERENCE_SPLIT_SEED, generator_split, reference_split, split_three
 
     scheme = split_scheme(args)
     if args.test_generator is not None:
-        return generator_split(df, args.test_generator, args.split_seed or 0, args.val_fraction)
+        try:
+            return generator_split(df, args.test_generator, args.split_seed or 0, args.val_fraction)
+        except ValueError as e:
+            raise SystemExit(f"--test-generator {e}")
     if args.test_fraction and scheme != "random":
         raise SystemExit("--test-fraction applies to --split random (the reference split has its own 20 % test)")
     if args.split_file:
@@ -155,18 +168,6 @@ def splits(args, df: pd.DataFrame, repeat: int):
     if scheme == "label":
         return split_three(df)
     return split_three(df, (args.split_seed or 0) + repeat, args.split_by_prompt, args.val_fraction, args.test_fraction)
-
-
-def generator_split(df: pd.DataFrame, generator: str, seed: int, val_fraction: float):
-    """(train, val, test): test is every image of ``generator``; val a seeded ``val_fraction`` of the rest."""
-    from ma_agiqa.datasets import split_three
-
-    held = df["generator"] == generator
-    if not held.any():
-        raise SystemExit(f"--test-generator {generator!r}: no such generator; the label file has "
-                         f"{', '.join(sorted(df['generator'].dropna().unique()))}")
-    train, val, _ = split_three(df[~held].reset_index(drop=True), seed, False, val_fraction, 0.0)
-    return train, val, df[held].reset_index(drop=True)
 
 
 def _set_field(obj, path: list[str], value, full: str):
@@ -183,20 +184,18 @@ def _set_field(obj, path: list[str], value, full: str):
     return dataclasses.replace(obj, **{path[0]: value})
 
 
+# The command line's options that set a TrainConfig field of the same name.
+TRAIN_OPTIONS = ("backbone_lr", "epochs", "lr", "batch_size", "scheduler", "t_max", "warmup_epochs",
+                 "normalize_mos", "drop_prompt", "plcc_loss", "rank_loss", "precision")
+
+
 def apply_train_args(t, args):
-    """``t`` (a TrainConfig) with the command line's training options on top; returns it."""
-    t.backbone_lr = args.backbone_lr or t.backbone_lr
-    t.epochs = args.epochs or t.epochs
-    t.lr = args.lr or t.lr
-    t.batch_size = args.batch_size or t.batch_size
-    t.scheduler = args.scheduler or t.scheduler
-    t.t_max = args.t_max or t.t_max
-    t.warmup_epochs = t.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs
-    t.normalize_mos = t.normalize_mos if args.normalize_mos is None else args.normalize_mos
-    t.drop_prompt = t.drop_prompt if args.drop_prompt is None else args.drop_prompt
-    t.plcc_loss = t.plcc_loss if args.plcc_loss is None else args.plcc_loss
-    t.rank_loss = t.rank_loss if args.rank_loss is None else args.rank_loss
-    t.precision = args.precision or t.precision
+    """``t`` (a TrainConfig) with the command line's training options on top (an option not given, None,
+    keeps the config's value; 0 is a value); returns it."""
+    for name in TRAIN_OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            setattr(t, name, value)
     return t
 
 
@@ -356,13 +355,12 @@ def main(argv=None) -> int:
         raise SystemExit("--test-generator and --each-generator make their own split (the generator's images as "
                          "test, --val-fraction of the others' as val): drop --split, --split-file and --test-fraction")
     if args.workers > 1:
-        from ma_agiqa.checkpoint import load_config
+        from ma_agiqa import create_model
         from ma_agiqa.training import check_data_parallel
 
-        cfg = load_config(args.model)
+        model = create_model(args.model, with_semantic=False, shipped=False, **config_overrides(args))
         try:  # before the data is read: its features take minutes
-            check_data_parallel(config_overrides(args).get("moe") or cfg.moe, apply_train_args(cfg.train, args),
-                                args.workers)
+            check_data_parallel(model, apply_train_args(model.cfg.train, args), args.workers)
         except ValueError as e:
             raise SystemExit(str(e))
     df = load_dataset(args.dataset, args.data_root, args.labels, args.target)

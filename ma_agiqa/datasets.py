@@ -217,6 +217,17 @@ def split_three(df: pd.DataFrame, seed: int | None = None, by_prompt: bool = Fal
     return tuple(df[m].reset_index(drop=True) for m in (is_train, is_val, is_test))
 
 
+def generator_split(df: pd.DataFrame, generator: str, seed: int = 0, val_fraction: float = 0.2):
+    """(train, val, test): leave one generator out. Test is every image of ``generator``; val a seeded
+    ``val_fraction`` of the others' (as ``split_three`` draws it), train the rest."""
+    held = df["generator"] == generator
+    if not held.any():
+        raise ValueError(f"{generator!r}: no such generator; the label file has "
+                         f"{', '.join(sorted(df['generator'].dropna().unique()))}")
+    train, val, _ = split_three(df[~held].reset_index(drop=True), seed, False, val_fraction, 0.0)
+    return train, val, df[held].reset_index(drop=True)
+
+
 REFERENCE_SPLIT_SEED = 20
 
 

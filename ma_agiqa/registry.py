@@ -25,6 +25,10 @@ def register_model(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
     return fn
 
 
+# The model the jobs use when none is named: the one that gives real scores with nothing but pip.
+DEFAULT_MODEL = "ma-agiqa-offline"
+
+
 def list_models() -> list[str]:
     return sorted(_REGISTRY)
 

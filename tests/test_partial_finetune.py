@@ -2,7 +2,6 @@
 inputs, the rest stays frozen; the checkpoint carries the trained stages and scores as it trained."""
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -76,9 +75,14 @@ def test_partly_trained_backbone_trains_saves_and_scores_as_it_trained(local_ray
                        "--trainable-stages", "2", *small]) == 0
 
     # the cache holds the frozen stages' part: their levels and the trained stages' input
-    (cached,) = (cache / "backbone").iterdir()
-    assert np.load(cached / "features.npy").shape == (24, 24 + 40 + 112, 14, 14)
-    assert np.load(cached / "cut.npy").shape == (24, 112, 6, 6)
+    from ma_agiqa.training.cache import read
+    from ma_agiqa.training.features import BACKBONE_CACHE
+
+    (cached,) = (cache / BACKBONE_CACHE).iterdir()
+    rows = read(cached, ["features", "cut"])
+    assert sorted(rows) == sorted(split["image_id"])
+    features, cut = rows[split["image_id"][0]]
+    assert features.shape == (24 + 40 + 112, 14, 14) and cut.shape == (112, 6, 6)
 
     # the checkpoint stores the trained stages of the backbone and nothing else of it
     stored = load_file(str(out / "model.safetensors"))

@@ -58,10 +58,26 @@ def test_stats_expert_width_is_derived_and_both_paths_agree(tmp_path):
 
 
 def test_stats_expert_trains_on_a_batch_of_one():
+    """A BatchNorm has no statistics of one row (torch refuses it in train mode): the stats expert's
+    standardisation uses its running ones instead, leaves them as they are, and the expert gets a gradient."""
     q, moe = _small_offline()
     model = create_model("ma-agiqa-offline-quality", shipped=False, quality=q, moe=moe).train()
+    standardize = model.moe.project["stats"][0]
+    with torch.no_grad():
+        standardize.running_mean.normal_()
+        standardize.running_var.uniform_(0.5, 2.0)
+    running = standardize.running_mean.clone(), standardize.running_var.clone()
+    row = torch.randn(1, standardize.num_features)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        torch.nn.BatchNorm1d(standardize.num_features).train()(row)
+    with torch.no_grad():
+        expected = (row - running[0]) / torch.sqrt(running[1] + standardize.eps) * standardize.weight + standardize.bias
+        assert torch.allclose(standardize(row), expected, atol=1e-5)
     score, _ = model(backbone_features=torch.randn(1, 496, 14, 14))
-    score.sum().backward()  # BatchNorm has no statistics of one row: its running ones serve
+    score.sum().backward()
+    assert torch.equal(standardize.running_mean, running[0]) and torch.equal(standardize.running_var, running[1])
+    grad = model.moe.project["stats"][1].weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 def test_a_checkpoint_built_on_another_backbone_width_is_refused(tmp_path):
@@ -81,9 +97,13 @@ def test_a_stats_expert_is_refused_data_parallel_before_ray_starts(tmp_path):
 
     cfg = get_config("ma-agiqa-offline-quality")
     assert any(e.source == "stats" for e in cfg.moe.experts)
-    check_data_parallel(cfg.moe, cfg.train, 1)
+    with_stats = create_model("ma-agiqa-offline-quality", with_semantic=False, shipped=False)
+    check_data_parallel(with_stats, cfg.train, 1)
+    with pytest.raises(ValueError, match="moe.project.stats.0: a BatchNorm"):
+        check_data_parallel(with_stats, cfg.train, 2)
     head_only = MoEConfig(experts=[e for e in cfg.moe.experts if e.source == "quality"], width=cfg.moe.width)
-    check_data_parallel(head_only, cfg.train, 2)
+    check_data_parallel(create_model("ma-agiqa-offline-quality", with_semantic=False, shipped=False, moe=head_only),
+                        cfg.train, 2)
     with pytest.raises(ValueError, match="BatchNorm"):
         train_distributed("ma-agiqa-offline-quality", {}, Inputs(mos=np.zeros(2)), Inputs(mos=np.zeros(2)), tmp_path / "out", workers=2)
     # the batch-level loss terms, set as jobs.train passes them (train overrides), are refused the same way
@@ -91,3 +111,25 @@ def test_a_stats_expert_is_refused_data_parallel_before_ray_starts(tmp_path):
         train_distributed("ma-agiqa-offline-quality", {"rank_loss": 0.5}, Inputs(mos=np.zeros(2)), Inputs(mos=np.zeros(2)),
                           tmp_path / "out", workers=2, model_overrides={"moe": head_only})
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("backbone", [{"trainable_stages": 2}, {"freeze_backbone": False}])
+def test_backbone_stages_that_train_with_batchnorm_are_refused_data_parallel(backbone):
+    """The rule reads the modules: a CNN's BatchNorm in stages that train couples the batch as the stats
+    expert's does; frozen stages stay in eval mode (their running statistics), and do not."""
+    from ma_agiqa.training import batch_coupled, check_data_parallel
+
+    q, moe = _small_offline()
+    head_only = MoEConfig(experts=[e for e in moe.experts if e.source == "quality"], width=moe.width)
+    frozen = create_model("ma-agiqa-offline-quality", shipped=False, quality=q, moe=head_only)
+    assert batch_coupled(frozen) == []
+    check_data_parallel(frozen, frozen.cfg.train, 2)
+    training = create_model("ma-agiqa-offline-quality", shipped=False, quality=dataclasses.replace(q, **backbone),
+                            moe=head_only)
+    coupled = batch_coupled(training)
+    assert coupled and all(name.startswith("quality.backbone.") for name in coupled)
+    if "trainable_stages" in backbone:  # lite0 has 7 stages: the last two train
+        assert {name.split(".")[4] for name in coupled} == {"5", "6"}
+    assert not training.training  # the check leaves the model in the mode it found
+    with pytest.raises(ValueError, match="quality.backbone.model.*BatchNorm.*--workers 1"):
+        check_data_parallel(training, training.cfg.train, 2)

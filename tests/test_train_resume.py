@@ -217,3 +217,28 @@ def test_an_unknown_precision_is_refused():
     t.precision = "fp16"  # as jobs.train sets fields after construction: train() checks again
     with pytest.raises(ValueError, match="precision"):
         t.check()
+
+
+def test_epochs_below_one_are_refused_and_a_zero_rate_is_used_as_given(three_generators, tmp_path):
+    """Options whose zero means zero: --epochs 0 is refused (nothing would be trained or chosen), --lr 0 is
+    a rate like any other (the weights do not move), never the config's default."""
+    from safetensors.torch import load_file
+
+    from ma_agiqa import create_model
+
+    root, cache = three_generators, tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    refused = subprocess.run(train_cmd(root, tmp_path / "none", cache, "--epochs", "0"), cwd=REPO, env=env,
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "--epochs: must be >= 1, got 0" in refused.stderr
+    assert not (tmp_path / "none").exists()
+
+    out = tmp_path / "still"
+    subprocess.run(train_cmd(root, out, cache, "--epochs", "1", "--lr", "0"), check=True, cwd=REPO, env=env,
+                   capture_output=True)
+    assert json.loads((out / "train_config.json").read_text())["train"]["lr"] == 0.0
+    torch.manual_seed(0)  # as jobs.train seeds before building the model
+    initial = dict(create_model("ma-agiqa-offline-quality", with_semantic=False, shipped=False).named_parameters())
+    saved = load_file(str(out / "model.safetensors"))
+    trained = [k for k, p in initial.items() if p.requires_grad]
+    assert trained and all(torch.equal(saved[k], initial[k].detach()) for k in trained)

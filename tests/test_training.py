@@ -113,11 +113,13 @@ def test_train_cache_evaluate_and_score_agree(local_ray, tmp_path, agiqa_sample,
     train_model(model, inputs, inputs, log=lambda _: None)
     assert loss() < before
 
-    # jobs.train: the MLLM's vectors come from the cache now; the scoring job must not run
+    # jobs.train: the MLLM's vectors come from the cache now; scoring must not run
+    import ma_agiqa.scoring
+
     def no_mllm(*a, **k):
         raise AssertionError("the MLLM ran although its vectors are cached")
 
-    monkeypatch.setattr(score, "run", no_mllm)
+    monkeypatch.setattr(ma_agiqa.scoring, "score", no_mllm)
     out = tmp_path / "ckpt"
     assert train.main(["--data-root", str(root), "--model", "tiny-random", "--output", str(out), "--split-file",
                        str(tmp_path / "split.csv"), "--epochs", "2", "--cache-dir", str(cache)]) == 0
@@ -200,8 +202,9 @@ def test_aigiqa20k_loader_reads_its_published_layout(tmp_path, agiqa_sample):
 
 
 def test_ray_train_workers_take_the_single_process_steps(local_ray, tmp_path):
-    """jobs.train --workers 2 runs the same loop on Ray Train's TorchTrainer: without augmentation and
-    dropout (the per-worker randomness) two workers end where one process ends."""
+    """jobs.train --workers 2 runs the same loop on Ray Train's TorchTrainer (torch DDP): augmented as one
+    process augments (every worker replays the batch's draws), two workers end where one process ends.
+    Dropout (torch's global stream, per worker) is off."""
     import dataclasses
 
     from ma_agiqa import create_model, from_pretrained
@@ -222,7 +225,9 @@ def test_ray_train_workers_take_the_single_process_steps(local_ray, tmp_path):
         )
 
     train_in, val_in = inputs(10), inputs(6)  # 10 rows, batch 4: the last batch (2 rows) leaves no worker idle
-    overrides = {**vars(cfg.train), "epochs": 2, "batch_size": 4, "aug_p": 0.0, "lr": 1e-3}
+    # lr 1e-4: at 1e-3 the second epoch diverges (loss 10 -> 160 on random targets), and a divergent run
+    # magnifies the rounding of a sum taken in another order (two shares) past any tolerance
+    overrides = {**vars(cfg.train), "epochs": 2, "batch_size": 4, "aug_p": 0.7, "lr": 1e-4}
     torch.manual_seed(0)
     single = create_model(start, with_semantic=False)
     before = predict(single, val_in)
@@ -234,7 +239,9 @@ def test_ray_train_workers_take_the_single_process_steps(local_ray, tmp_path):
     result = train_distributed(str(start), overrides, train_in, val_in, out, workers=2)
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     assert result["best_epoch"] == single_result["best_epoch"]
-    assert result["history"][0]["loss"] == pytest.approx(single_result["history"][0]["loss"], rel=1e-4)
+    for ours, theirs in zip(result["history"], single_result["history"]):  # the same batches, augmented alike
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+        assert ours["train_srcc"] == pytest.approx(theirs["train_srcc"], abs=1e-6)
     ddp = from_pretrained(out, with_semantic=False)
     after = predict(ddp, val_in)
     assert np.allclose(after, predict(single, val_in), atol=1e-4)

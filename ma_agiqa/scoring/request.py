@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..errors import DEFAULT_MAX_PIXELS, JobConfigError
 from ..fetch import DEFAULT_MAX_BYTES
+from ..registry import DEFAULT_MODEL
 
 FUSE_CHOICES = ("auto", "on", "off")
 
@@ -18,7 +19,7 @@ class ScoreRequest:
 
     manifest: str  # a Parquet/CSV/JSONL file, a directory or a glob (local, file://, s3://, gs://)
     output: str  # directory URI of the score table
-    model: str = "ma-agiqa-offline"  # a registered name, or a checkpoint directory (local or s3://)
+    model: str = DEFAULT_MODEL  # a registered name, or a checkpoint directory (local or s3://)
     allow_untrained: bool = False  # score with heads never trained (random: tests and smoke runs)
     image_root: str | None = None  # relative uris are resolved against it; every uri must lie inside it
     allow_outside_root: bool = False
