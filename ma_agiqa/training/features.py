@@ -29,7 +29,7 @@ from ..images import decode_image
 from ..preprocess import normalize, quality_pixels
 from ..schema import feature_column
 from ..cache import cache_dir
-from . import cache
+from .cache import publish as publish_entry, read as read_entries
 
 # The backbone cache's folder: entries published whole (``cache``). The layout before it (one features.npy,
 # cut.npy and ids.json per key, in "backbone/") is not read: a cache is rebuilt, never migrated.
@@ -81,7 +81,7 @@ def backbone_features(model, df: pd.DataFrame, root: Path, batch_size: int = 32)
     ``trainable_stages``, (the frozen stages' levels, the trainable stages' input)."""
     directory = backbone_cache_dir(model, root)
     names = ["features", "cut"] if model.cfg.quality.trainable_stages else ["features"]
-    cached = cache.read(directory, names)
+    cached = read_entries(directory, names)
     missing = df[~df["image_id"].isin(cached.keys())]
     backbone = model.quality.backbone
     for start in range(0, len(missing), CHUNK):
@@ -94,7 +94,7 @@ def backbone_features(model, df: pd.DataFrame, root: Path, batch_size: int = 32)
             parts.append([o.to(torch.float16).numpy() for o in outs])
         arrays = {name: np.concatenate([p[n] for p in parts]) for n, name in enumerate(names)}
         ids = chunk["image_id"].tolist()
-        cache.publish(directory, ids, arrays)
+        publish_entry(directory, ids, arrays)
         cached.update({i: tuple(arrays[name][k] for name in names) for k, i in enumerate(ids)})
     out = [np.stack([cached[i][n] for i in df["image_id"]]) for n in range(len(names))]
     stats = {"backbone_cached": len(df) - len(missing), "backbone_computed": len(missing)}
