@@ -12,10 +12,10 @@ RAY_ADDRESS. See ma_agiqa/export.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
+from jobs.cli import run_and_report
 from ma_agiqa.export import DEFAULT_SHARD_SIZE, FORMATS, ExportError, run_export
 from ma_agiqa.fetch import DEFAULT_MAX_BYTES
 from ma_agiqa.uris import redact
@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args) -> dict:
-    from jobs.score import init_ray
+    from ma_agiqa.scoring.run import init_ray
 
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
@@ -52,20 +52,14 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        summary = run(args)
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: the shards published so far are kept; run the same command again to complete {redact(args.output)}",
-              file=sys.stderr)
-        return 130
-    print(json.dumps(summary, indent=2))
-    print(f"exported {summary['exported']} of {summary['kept_rows']} kept rows as {summary['shards']} {args.format} shards: "
-          f"{redact(args.output)}" + (f"; {summary['errors']} errors in {redact(args.output.rstrip('/'))}/_errors.parquet"
-                                      if summary["errors"] else ""))
-    return 0
+    output = redact(args.output)
+    return run_and_report(
+        args, run,
+        lambda summary, args: f"exported {summary['exported']} of {summary['kept_rows']} kept rows as {summary['shards']} "
+                              f"{args.format} shards: {output}" + (f"; {summary['errors']} errors in "
+                              f"{output.rstrip('/')}/_errors.parquet" if summary["errors"] else ""),
+        errors=(ExportError,),
+        interrupted=f"the shards published so far are kept; run the same command again to complete {output}")
 
 
 if __name__ == "__main__":
