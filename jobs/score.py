@@ -20,6 +20,7 @@ from dataclasses import fields
 from ma_agiqa.errors import JobConfigError
 from ma_agiqa.manifests import ManifestError
 from ma_agiqa.scoring import SUMMARY_FILE, ScoreRequest, score
+from ma_agiqa.scoring.monitor import NO_CUDA
 from ma_agiqa.scoring.request import FUSE_CHOICES
 from ma_agiqa.uris import join_uri, redact
 
@@ -65,6 +66,17 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-error-fraction", type=float, default=DEFAULTS["max_error_fraction"],
                    help="exit 3 (summary written) when more than this fraction of the run's rows are errors")
     p.add_argument("--s3-endpoint", default=DEFAULTS["s3_endpoint"], help="endpoint of an S3-compatible store (sets AWS_ENDPOINT_URL)")
+    p.add_argument("--min-rows-for-error-fraction", type=int, default=DEFAULTS["min_rows_for_error_fraction"],
+                   help="judge --max-error-fraction while the job runs once this many rows are done, and stop it early (exit 3) "
+                        "when over; default 200, or two batches per model actor where that is more")
+    p.add_argument("--max-failed-batches", type=int, default=DEFAULTS["max_failed_batches"],
+                   help="stop the job (exit 3) when a model stage fails on every row of this many batches in a row (a broken model); 0: never")
+    p.add_argument("--allow-cpu-fallback", action="store_true",
+                   help="let a model actor that Ray gave a GPU run on CPU when its torch sees no CUDA device (default: the job stops, exit 2)")
+    p.add_argument("--connect-timeout", type=float, default=DEFAULTS["connect_timeout"], help="seconds to connect to an object store, per request")
+    p.add_argument("--read-timeout", type=float, default=DEFAULTS["read_timeout"], help="seconds an object store may send nothing, per request")
+    p.add_argument("--fetch-timeout", type=float, default=DEFAULTS["fetch_timeout"],
+                   help="seconds to read one image from an object store, retries included (0: no deadline); over it, the row is a 'timeout' error")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -142,12 +154,20 @@ def main(argv=None) -> int:
         print(f"interrupted: the parts written so far are kept; run the same command again to resume into {redact(args.output)}",
               file=sys.stderr)
         return 130
+    stopped = summary.get("stopped_early")
+    if stopped and stopped["kind"] == NO_CUDA:  # a refusal, like a bad option: one line
+        print(f"error: {stopped['reason']}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     if summary["to_score"] == 0:
         print(f"nothing to do: all {summary['already_scored']} rows of the manifest are already in {redact(args.output)}")
     print(f"score table: {redact(args.output)} ({summary['table_rows']} rows; summary in {redact(join_uri(args.output, SUMMARY_FILE))})")
     if summary.get("ok"):
         show_extremes(args.output, summary["model_id"])
+    if stopped:
+        print(f"error: stopped early after {summary['rows']} rows written: {stopped['reason']}; the parts written are kept, "
+              f"run the same command again to resume", file=sys.stderr)
+        return 3
     if summary["failed"]:
         print(f"error: {summary['errors']} of {summary['rows']} rows failed ({summary['error_fraction']:.1%}), over "
               f"--max-error-fraction {args.max_error_fraction:g}; errors by kind: {summary['errors_by_kind']}", file=sys.stderr)

@@ -196,4 +196,5 @@ def job_spec(request: ScoreRequest, model: ResolvedModel, columns: Columns) -> J
         model=model.ref, config=model.config, semantic_framing=framing, image_root=request.image_root,
         allow_outside_root=request.allow_outside_root, keep_columns=columns.keep, keep_features=request.keep_features,
         prompt_column=columns.prompt, max_pixels=request.max_pixels, max_bytes=request.max_bytes,
+        connect_timeout=request.connect_timeout, read_timeout=request.read_timeout, fetch_timeout=request.fetch_timeout,
     )

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import DEFAULT_MAX_PIXELS, JobConfigError
-from ..fetch import DEFAULT_MAX_BYTES
+from ..fetch import CONNECT_TIMEOUT, DEFAULT_MAX_BYTES, FETCH_TIMEOUT, READ_TIMEOUT
 from ..registry import DEFAULT_MODEL
+from .monitor import MAX_FAILED_BATCHES
 
 FUSE_CHOICES = ("auto", "on", "off")
 
@@ -42,6 +43,14 @@ class ScoreRequest:
     max_error_fraction: float = 0.1  # above it the summary says failed (jobs.score: exit 3)
     s3_endpoint: str | None = None  # sets AWS_ENDPOINT_URL
     rows_per_file: int = 5000  # rows per output Parquet part
+    # Failing fast (monitor.py): the error fraction is judged while the run runs, once this many rows are done
+    # (None: 200, or two batches per model actor where that is more); 0 judges from the first batch.
+    min_rows_for_error_fraction: int | None = None
+    max_failed_batches: int = MAX_FAILED_BATCHES  # a model stage failing on every row of this many batches in a row stops the run; 0: never
+    allow_cpu_fallback: bool = False  # a GPU actor whose torch sees no CUDA runs on CPU instead of stopping the run
+    connect_timeout: float = CONNECT_TIMEOUT  # seconds, per request to an object store
+    read_timeout: float = READ_TIMEOUT  # seconds without a byte, per request
+    fetch_timeout: float = FETCH_TIMEOUT  # seconds, per object, retries included; 0: no deadline
 
     def check(self) -> None:
         """Raises JobConfigError on values no run can use; zero is taken as zero wherever it can run."""
@@ -54,10 +63,15 @@ class ScoreRequest:
             value = getattr(self, name)
             if value is not None and not value >= 1:
                 raise JobConfigError(f"{_flag(name)} must be at least 1, got {value}")
-        for name in ("limit", "gpus_per_actor", "cpus_per_actor", "wait_for_cluster"):
+        for name in ("limit", "gpus_per_actor", "cpus_per_actor", "wait_for_cluster", "min_rows_for_error_fraction",
+                     "max_failed_batches", "fetch_timeout"):
             value = getattr(self, name)
             if value is not None and not value >= 0:  # NaN too
                 raise JobConfigError(f"{_flag(name)} must be 0 or more, got {value}")
+        for name in ("connect_timeout", "read_timeout"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise JobConfigError(f"{_flag(name)} must be more than 0 seconds, got {value}")
         if not 0 <= self.max_error_fraction <= 1:
             raise JobConfigError(f"--max-error-fraction must be between 0 and 1, got {self.max_error_fraction}")
         if self.fuse not in FUSE_CHOICES:

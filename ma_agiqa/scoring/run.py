@@ -20,6 +20,7 @@ from ..score_table import resume_plan
 from ..table_files import count_rows, list_parts, write_json
 from ..uris import join_uri, redact
 from .layout import Layout, plan_layout, wait_for_cluster
+from .monitor import min_rows_for_error_fraction, quiet_ray_data_errors, start_monitor
 from .plan import Manifest, driver_rows, plan_request
 from .request import ScoreRequest
 from .steps import FetchDecode, JobSpec, ReadInputFiles, ScoreImages, ScoreRows, SemanticFeatures, WriteParts, summarise
@@ -62,8 +63,9 @@ def score(request: ScoreRequest) -> dict:
         "already_scored": manifest.rows - manifest.repeated - n_todo, "retried": retried, "to_score": n_todo,
         "rows_per_block": block, "blocks": -(-n_todo // block),
     }
-    counts = pipeline(todo, spec, layout, request).take_all() if n_todo else []
+    counts, watched = run_watched(request, layout, lambda watch: pipeline(todo, spec, layout, request, watch)) if n_todo else ([], {})
     summary.update(summarise(counts))
+    summary.update(devices=watched.get("devices", {}), stopped_early=watched.get("verdict"))
     if summary["model_id"] is None:  # no rows written and none to resume
         summary["model_id"] = model.model_id
     elapsed = time.time() - started
@@ -75,7 +77,7 @@ def score(request: ScoreRequest) -> dict:
     )
     summary["error_fraction"] = round(summary["errors"] / summary["rows"], 4) if summary["rows"] else 0.0
     summary["max_error_fraction"] = request.max_error_fraction
-    summary["failed"] = summary["error_fraction"] > request.max_error_fraction
+    summary["failed"] = summary["error_fraction"] > request.max_error_fraction or summary["stopped_early"] is not None
     write_json(json.dumps(summary, indent=2) + "\n", join_uri(request.output, SUMMARY_FILE))
     return summary
 
@@ -134,7 +136,7 @@ def rows_to_score(manifest: Manifest, spec: JobSpec, batch_size: int, n_actors: 
     return todo.repartition(target_num_rows_per_block=block), n, block
 
 
-def pipeline(todo, spec: JobSpec, layout: Layout, request: ScoreRequest):
+def pipeline(todo, spec: JobSpec, layout: Layout, request: ScoreRequest, watch=None):
     """The Ray Data pipeline from rows to score to one line of counts per written part."""
     import ray.data
 
@@ -156,9 +158,38 @@ def pipeline(todo, spec: JobSpec, layout: Layout, request: ScoreRequest):
         stages.append((ScoreRows, layout.quality_actors))
     for stage, size in stages:  # fixed-size pools: models load once per actor, not per batch
         todo = todo.map_batches(
-            stage, fn_constructor_args=(spec, layout.gpus, layout.threads), batch_size=request.batch_size,
+            stage, fn_constructor_args=(spec, layout.gpus, layout.threads, watch), batch_size=request.batch_size,
             batch_format="pyarrow", num_gpus=layout.gpus, num_cpus=layout.cpus,
             memory=memory if layout.decode_in_actors else None,
             compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2),
         )
     return todo.map_batches(WriteParts(request.output), batch_size=request.rows_per_file, batch_format="pyarrow", num_cpus=0.25)
+
+
+# ---- the run monitor (monitor.py): failing fast, and the device each model stage really ran on ----
+
+def run_watched(request: ScoreRequest, layout: Layout, build) -> tuple[list[dict], dict]:
+    """Runs the dataset ``build(watch)`` makes under a run monitor, reading WriteParts' lines of counts as
+    parts are written: (those lines, the monitor's state: its verdict, None unless the run stopped early, and
+    the devices). A dataset that the monitor stopped ends here with what was written; any other failure
+    is raised."""
+    import ray
+
+    min_rows = min_rows_for_error_fraction(request.min_rows_for_error_fraction, request.batch_size, layout.actors)
+    monitor, watch = start_monitor(request.max_error_fraction, min_rows, request.allow_cpu_fallback, request.max_failed_batches)
+    unquiet = quiet_ray_data_errors(monitor)
+    counts: list[dict] = []
+    try:
+        try:
+            # a for loop over the dataset: leaving it, however, shuts the dataset down
+            for batch in build(watch).iter_batches(batch_size=None, batch_format="pyarrow"):
+                counts.extend(batch.to_pylist())
+        except Exception:
+            state = ray.get(monitor.state.remote())
+            if state["verdict"] is None:
+                raise
+            return counts, state
+        return counts, ray.get(monitor.state.remote())
+    finally:
+        unquiet()
+        ray.kill(monitor)

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from ..config import MAX_IMAGE_SIDE, ModelConfig
 from ..errors import DEFAULT_MAX_PIXELS, ImageError, error_kind
 from ..schema import STATUS_ERROR, STATUS_OK, feature_column, gate_column, score_schema
-from ..fetch import DEFAULT_MAX_BYTES, Fetcher
+from ..fetch import CONNECT_TIMEOUT, DEFAULT_MAX_BYTES, FETCH_TIMEOUT, READ_TIMEOUT, Fetcher
 from ..manifests import image_ids
 from ..table_files import write_part_atomically
 from ..uris import REMOTE_SCHEMES, redact_text, resolve_image_uri, scheme_of
@@ -56,6 +56,9 @@ class JobSpec:
     allow_outside_root: bool = False
     fetch_threads: int = 8
     decode_slots: int = 2  # images decoded at once per process: bounds decode memory
+    connect_timeout: float = CONNECT_TIMEOUT  # seconds, per remote request (fetch.Fetcher)
+    read_timeout: float = READ_TIMEOUT
+    fetch_timeout: float = FETCH_TIMEOUT  # seconds, per remote object, retries included
     # prompt name -> width of its vectors (empty without an MLLM): worked out once, where the spec is made (the
     # driver), as the width can mean reading the MLLM's config.json; it travels with the spec
     semantic_prompts: dict[str, int] = field(init=False)
@@ -85,10 +88,24 @@ class JobSpec:
         return score_schema(self.experts, self.keep_columns, self.semantic_prompts if self.keep_features else None)
 
 
-def _device(num_gpus: float) -> str:
+def _device(num_gpus: float, reporter=None) -> str:
+    """"cuda" when Ray gave the actor a GPU. A GPU that torch cannot see (a driver or CUDA build mismatch on
+    one node) stops the run with one line naming the node, unless the run allows CPU fallback: a 7B MLLM on
+    CPU would turn hours into weeks without a word."""
     import torch
 
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    if num_gpus <= 0:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    from .monitor import NO_CUDA, Reporter, node_name
+
+    reporter = reporter or Reporter(None, "model")
+    if not reporter.watch.allow_cpu_fallback:
+        reporter.refuse(NO_CUDA, f"a {reporter.stage} model actor on {node_name()} was given {num_gpus:g} GPU by Ray "
+                                 f"but torch sees no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+                                 "fix the node's GPU driver, or pass --allow-cpu-fallback to run on its CPU")
+    return "cpu"
 
 
 def text_column(table: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
@@ -137,7 +154,7 @@ class FetchDecode:
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
-        self.fetcher = Fetcher(spec.max_bytes)
+        self.fetcher = Fetcher(spec.max_bytes, spec.connect_timeout, spec.read_timeout, spec.fetch_timeout)
         self.decoding = self.pool = None  # made in the worker: locks and threads do not travel to it
 
     def _where(self, uri):
@@ -218,6 +235,14 @@ def _ok_rows(table: pa.Table) -> np.ndarray:
     return np.flatnonzero(pc.equal(table["status"], STATUS_OK).to_numpy(zero_copy_only=False))
 
 
+def _report(reporter, table: pa.Table, model_rows: np.ndarray, failed: int, fell_back: bool, last_error, final: bool):
+    """Tells the run's monitor how a model stage's batch went (``failed`` of its ``model_rows`` failed in the
+    model); raises RunStopped once the run has a reason to stop."""
+    errors = len(table) - len(_ok_rows(table))
+    whole = fell_back and len(model_rows) > 0 and failed == len(model_rows)
+    reporter.batch(len(table), errors, whole, last_error, final=final)
+
+
 def _set_errors(table: pa.Table, rows: list[int], message: str) -> pa.Table:
     status = table["status"].to_pylist()
     errors = table["error"].to_pylist()
@@ -230,19 +255,23 @@ def _set_errors(table: pa.Table, rows: list[int], message: str) -> pa.Table:
 class SemanticFeatures:
     """GPU stage: the frozen MLLM's vectors for every ok row (a model actor; the model loads once)."""
 
-    def __init__(self, spec: JobSpec, num_gpus: float = 0.0, threads: int | None = None):
+    def __init__(self, spec: JobSpec, num_gpus: float = 0.0, threads: int | None = None, watch=None, final: bool = False):
         import torch
         from PIL import Image
 
         from ..model import load_semantic
+        from .monitor import Reporter
 
         if threads:
             torch.set_num_threads(threads)
         self.spec = spec
         self.image = Image
-        self.extractor = load_semantic(spec.model, _device(num_gpus))
+        self.reporter, self.final = Reporter(watch, "semantic"), final
+        self.extractor = load_semantic(spec.model, _device(num_gpus, self.reporter))
+        self.reporter.device(str(self.extractor.device), self.extractor.dtype)
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        self.reporter.check()
         rows = _ok_rows(table)
         feats = {name: np.zeros((len(table), dim), np.float32) for name, dim in self.spec.semantic_prompts.items()}
         if len(rows):
@@ -251,13 +280,13 @@ class SemanticFeatures:
                 self.image.fromarray(np.frombuffer(pix[i].as_py(), np.uint8).reshape(hs[i].as_py(), ws[i].as_py(), 3))
                 for i in rows
             ]
-            failed = []
+            failed, fell_back = [], False
             try:
                 out = self.extractor(images)
                 for name in feats:
                     feats[name][rows] = out[name].cpu().numpy()
             except Exception:  # noqa: BLE001 - isolate the row that breaks the model, keep the others
-                table = _mark_fallback(table)
+                table, fell_back = _mark_fallback(table), True
                 for i, img in zip(rows, images):
                     try:
                         one = self.extractor([img])
@@ -267,6 +296,9 @@ class SemanticFeatures:
                         failed.append((int(i), model_error("semantic", e)))
             for i, message in failed:
                 table = _set_errors(table, [i], message)
+            _report(self.reporter, table, rows, len(failed), fell_back, failed[-1][1] if failed else None, self.final)
+        else:
+            _report(self.reporter, table, rows, 0, False, None, self.final)
         table = table.drop_columns([SEM_PIXELS, SEM_H, SEM_W])
         for name, arr in feats.items():
             flat = pa.array(arr.reshape(-1), pa.float32())
@@ -277,16 +309,19 @@ class SemanticFeatures:
 class ScoreRows:
     """GPU stage: MANIQA + MoE (+ the prompt encoder) on every ok row; emits rows of the score table."""
 
-    def __init__(self, spec: JobSpec, num_gpus: float = 0.0, threads: int | None = None):
+    def __init__(self, spec: JobSpec, num_gpus: float = 0.0, threads: int | None = None, watch=None):
         import torch
 
         from ..model import create_model
+        from .monitor import Reporter
 
         if threads:
             torch.set_num_threads(threads)
         self.spec = spec
-        self.device = _device(num_gpus)
+        self.reporter = Reporter(watch, "quality")
+        self.device = _device(num_gpus, self.reporter)
         self.model = create_model(spec.model, device=self.device, with_semantic=False)
+        self.reporter.device(self.device, next(self.model.parameters()).dtype)
         self.schema = spec.output_schema()
         self.model_id = self.model.model_id  # once: working it out hashes the weights
         self.views_shape = (-1, 3, spec.views.size, spec.views.size)
@@ -314,25 +349,29 @@ class ScoreRows:
         return score.float().cpu().numpy(), gates.float().cpu().numpy()
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        self.reporter.check()
         n = len(table)
         scores = np.full(n, np.nan, np.float32)
         gates = np.full((n, len(self.spec.experts)), np.nan, np.float32)
         rows = _ok_rows(table)
+        failed, fell_back, last_error = 0, False, None
         if len(rows):
             try:
                 scores[rows], gates[rows] = self._score(table, rows)
             except Exception:  # noqa: BLE001 - isolate the failing row
-                table = _mark_fallback(table)
+                table, fell_back = _mark_fallback(table), True
                 for i in rows:
                     try:
                         s, g = self._score(table, np.array([i]))
                         scores[i], gates[i] = s[0], g[0]
                     except Exception as e:  # noqa: BLE001
-                        table = _set_errors(table, [int(i)], model_error("quality", e))
+                        failed, last_error = failed + 1, model_error("quality", e)
+                        table = _set_errors(table, [int(i)], last_error)
             ok_now = pc.equal(table["status"], STATUS_OK).to_numpy(zero_copy_only=False)
             bad = [int(i) for i in rows if ok_now[i] and not (np.isfinite(scores[i]) and np.isfinite(gates[i]).all())]
             if bad:
                 table = _set_errors(table, bad, "nonfinite: the model gave a non-finite score or gate")
+        _report(self.reporter, table, rows, failed, fell_back, last_error, final=True)
         ok = pc.equal(table["status"], STATUS_OK).to_numpy(zero_copy_only=False)
         columns = {
             "image_id": table["image_id"],
@@ -363,9 +402,9 @@ class ScoreImages:
     stages would only split the same cores between two processes and hand every batch from one to the
     other; fused, each actor scores its batches end to end and actors add up (jobs.score --fuse)."""
 
-    def __init__(self, spec: JobSpec, num_gpus: float = 0.0, threads: int | None = None):
-        self.semantic = SemanticFeatures(spec, num_gpus, threads) if spec.semantic_prompts else None
-        self.score = ScoreRows(spec, num_gpus, threads)
+    def __init__(self, spec: JobSpec, num_gpus: float = 0.0, threads: int | None = None, watch=None):
+        self.semantic = SemanticFeatures(spec, num_gpus, threads, watch) if spec.semantic_prompts else None
+        self.score = ScoreRows(spec, num_gpus, threads, watch)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return self.score(self.semantic(table) if self.semantic else table)
