@@ -23,6 +23,7 @@ from .checkpoint import (
     INIT_SEED,
     UNTRAINED,
     UNTRAINED_KEY,
+    recorded_metadata,
     WEIGHTS_FILE,
     backbone_from_source,
     checkpoint_dir,
@@ -183,6 +184,7 @@ class MAAGIQA(nn.Module):
         metadata = {"format": "pt", "ma_agiqa_config": cfg.name}
         if not self.trained:
             metadata[UNTRAINED_KEY] = UNTRAINED
+        metadata.update(recorded_metadata(cfg, self.checkpoint_hash if self.trained else None, directory))
         save_file(sd, str(directory / WEIGHTS_FILE), metadata=metadata)
         (directory / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         return directory
