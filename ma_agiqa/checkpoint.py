@@ -129,26 +129,52 @@ def backbone_from_source(cfg: ModelConfig) -> bool:
     return cfg.quality.freeze_backbone and cfg.quality.pretrained is not None
 
 
-def identity(cfg: ModelConfig, weights: str, base_dir: str | os.PathLike | None = None,
-             recorded: dict | None = None) -> str:
+def identity(cfg: ModelConfig, weights: str, base_dir: str | os.PathLike | None = None) -> str:
     """``<name>@<digest>``: the digest of the weights (their hash, or ``UNTRAINED``), the config as it acts on a
     score (the training settings and the name aside) and the identity of the models it loads from elsewhere
-    (``recorded``: fingerprints a checkpoint recorded of the folders it carries, where they are not at hand)."""
-    from .hub import fingerprint
-
-    base = str(base_dir) if base_dir is not None else None
+    (``loaded_fingerprints``)."""
     d = cfg.to_dict()
     d.pop("name")
     d.pop("train", None)
     for expert in d["moe"]["experts"]:
         if expert["source"] in ("semantic", "stats"):
             expert["dim"] = None  # the MLLM's or backbone's width: recorded once built, implied before; the same model
-    loaded, recorded = {}, recorded or {}
-    for role, part in loaded_models(cfg):
-        loaded[role] = recorded.get(role) or fingerprint(part.model_id, base, getattr(part, "revision", None))
+    loaded = loaded_fingerprints(cfg, base_dir)
+    for role in loaded:
         d[role].pop("model_id")  # a folder's name says nothing: its fingerprint does
     key = json.dumps({"weights": weights, "config": d, "loaded": loaded}, sort_keys=True)
     return f"{cfg.name}@{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def loaded_fingerprints(cfg: ModelConfig, base_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """{role: fingerprint} of the models a config loads from elsewhere (``hub.fingerprint``: a local folder by
+    content, a hub id by id and revision). A folder saved beside a checkpoint's heads keeps the fingerprint its
+    model had when saved (``LOADED_KEY``: a built-in tiny model copied in stays the same model) while its
+    content is what was saved; changed, its content names it. A driver's copy of a remote checkpoint, which
+    holds no weights, takes the recorded one (``NeedsWeights`` if none was)."""
+    from .hub import fingerprint
+
+    base = str(base_dir) if base_dir is not None else None
+    inside = set(carried(cfg, Path(base))) if base is not None else set()
+    recorded = _recorded_loaded(Path(base)) if inside else {}
+    partial = base is not None and is_partial(Path(base))
+    out = {}
+    for role, part in loaded_models(cfg):
+        rec = recorded.get(role) if role in inside else None
+        if partial and role in inside:
+            if rec is None:
+                raise NeedsWeights(base)
+            out[role] = rec["fingerprint"]
+            continue
+        fp = fingerprint(part.model_id, base, getattr(part, "revision", None))
+        out[role] = rec["fingerprint"] if rec is not None and rec.get("content") == fp else fp
+    return out
+
+
+def _recorded_loaded(directory: Path) -> dict:
+    if not (directory / WEIGHTS_FILE).exists() and not (directory / HEADER_FILE).exists():
+        return {}
+    return json.loads(stored_metadata(directory / WEIGHTS_FILE).get(LOADED_KEY) or "{}")
 
 
 def loaded_models(cfg: ModelConfig) -> list[tuple[str, object]]:
@@ -162,15 +188,17 @@ def carried(cfg: ModelConfig, directory: Path) -> list[str]:
             if not os.path.isabs(part.model_id) and (Path(directory) / part.model_id).is_dir()]
 
 
-def recorded_metadata(cfg: ModelConfig, weights_hash: str | None, directory: Path) -> dict:
-    """What a checkpoint's header records for a driver that reads nothing else of it (``WEIGHTS_HASH_KEY``,
-    ``LOADED_KEY``): ``cfg`` as saved, its model folders already in ``directory``."""
+def recorded_metadata(named: dict[str, str], saved: ModelConfig, weights_hash: str | None, directory: Path) -> dict:
+    """What a checkpoint's header records (``WEIGHTS_HASH_KEY``, ``LOADED_KEY``), for a driver that reads
+    nothing else of it and for the folders saved beside the heads: ``named`` is the saved model's
+    ``loaded_fingerprints`` before saving, ``saved`` its config as saved, its folders already in ``directory``."""
     from .hub import fingerprint
 
+    parts = dict(loaded_models(saved))
+    loaded = {role: {"fingerprint": named[role],
+                     "content": fingerprint(parts[role].model_id, str(directory), getattr(parts[role], "revision", None))}
+              for role in carried(saved, directory)}
     out = {WEIGHTS_HASH_KEY: weights_hash} if weights_hash else {}
-    parts = dict(loaded_models(cfg))
-    loaded = {role: fingerprint(parts[role].model_id, str(directory), getattr(parts[role], "revision", None))
-              for role in carried(cfg, directory)}
     return {**out, LOADED_KEY: json.dumps(loaded, sort_keys=True)}
 
 
@@ -214,10 +242,9 @@ def model_id_of(cfg: ModelConfig, directory: Path | None) -> str:
         return identity(cfg, stored_weights(directory, cfg), directory)
     meta = stored_metadata(directory / WEIGHTS_FILE)
     weights = meta.get(UNTRAINED_KEY) or meta.get(WEIGHTS_HASH_KEY)
-    recorded = json.loads(meta.get(LOADED_KEY) or "{}")
-    if weights is None or LOADED_KEY not in meta or any(role not in recorded for role in carried(cfg, directory)):
+    if weights is None:
         raise NeedsWeights(str(directory))
-    return identity(cfg, weights, directory, recorded)
+    return identity(cfg, weights, directory)
 
 
 def is_trained(name_or_dir: str | os.PathLike) -> bool:
