@@ -43,21 +43,51 @@ def is_local(model_id: str, base_dir: str | None = None) -> bool:
 
 
 def fingerprint(model_id: str, base_dir: str | None = None, revision: str | None = None) -> str:
-    """Identifies the weights an id points to: for a local folder its config and the names and sizes of
-    its weight files (two checkpoints both saying "semantic" differ here); for a hub id, id and revision."""
+    """Identifies the weights an id points to: for a local folder its config, the names and sizes of its
+    weight files and their content (a fine-tuned MLLM of the same architecture differs only there); for a
+    hub id, id and revision. A built-in tiny model (built from code) and an installed package's model
+    (versioned by the package) are named by their files' names and sizes alone, as before content counted."""
     import hashlib
     from pathlib import Path
 
     path = Path(resolve(model_id, base_dir))
     h = hashlib.sha256()
     if path.is_dir():
+        by_content = not model_id.startswith(BUILTIN_PREFIX) and _package_model_dir(model_id) is None
         h.update((path / "config.json").read_bytes() if (path / "config.json").exists() else b"")
         for f in sorted(path.glob("*")):
             if f.suffix in (".safetensors", ".bin", ".pt", ".pth"):
                 h.update(f"{f.name}:{f.stat().st_size}".encode())
+                if by_content:
+                    h.update(file_digest(f).encode())
     else:
         h.update(f"{model_id}@{revision}".encode())
     return h.hexdigest()[:16]
+
+
+def file_digest(path) -> str:
+    """sha256 of a file's content, worked out once per node: cached in ``<cache>/file-digests`` under its
+    path, size and mtime (a file rewritten in place is hashed again)."""
+    import hashlib
+    from pathlib import Path
+
+    from .cache import cache_dir
+
+    path = Path(path).resolve()
+    st = path.stat()
+    key = hashlib.sha256(json.dumps([str(path), st.st_size, st.st_mtime_ns]).encode()).hexdigest()[:32]
+    cached = cache_dir() / "file-digests" / key
+    if cached.is_file():
+        return cached.read_text().strip()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{key}.{os.getpid()}")
+    tmp.write_text(h.hexdigest())
+    os.replace(tmp, cached)
+    return h.hexdigest()
 
 
 def model_config(model_id: str, base_dir: str | None = None, revision: str | None = None) -> dict:
@@ -66,10 +96,28 @@ def model_config(model_id: str, base_dir: str | None = None, revision: str | Non
     if os.path.isdir(path):
         with open(os.path.join(path, "config.json")) as f:
             return json.load(f)
+    return json.loads(_hub_file(model_id, "config.json", revision))
+
+
+def _hub_file(model_id: str, name: str, revision: str | None) -> str:
+    """A small file of a hub model, from the hub or its cache (``HF_HOME``). One that cannot be had (no
+    network, HF_HUB_OFFLINE=1 and not cached, no such model) is a JobConfigError that says how to supply it:
+    a scoring run refuses it before Ray starts, as one line."""
     from huggingface_hub import hf_hub_download
 
-    with open(hf_hub_download(model_id, "config.json", revision=revision)) as f:
-        return json.load(f)
+    try:
+        with open(hf_hub_download(model_id, name, revision=revision)) as f:
+            return f.read()
+    except Exception as e:  # noqa: BLE001 - offline, unreachable, gated, missing: all leave the model unreadable
+        from .errors import JobConfigError
+
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise JobConfigError(
+            f"the MLLM {model_id}{'@' + revision if revision else ''} cannot be read: its {name} is neither reachable on "
+            f"the hub nor in the hub cache ({type(e).__name__}: {reason[:200]}). Point HF_HOME at a cache that holds "
+            f"the model (huggingface-cli download {model_id}), set the config's model_id to a local directory holding "
+            "it, or pass --model DIR with a checkpoint that carries it"
+        ) from None
 
 
 def text_width(model_id: str, base_dir: str | None = None, revision: str | None = None) -> int:

@@ -23,6 +23,8 @@ from .checkpoint import (
     INIT_SEED,
     UNTRAINED,
     UNTRAINED_KEY,
+    loaded_fingerprints,
+    recorded_metadata,
     WEIGHTS_FILE,
     backbone_from_source,
     checkpoint_dir,
@@ -171,6 +173,7 @@ class MAAGIQA(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         cfg = ModelConfig.from_dict(self.cfg.to_dict())
+        named = loaded_fingerprints(self.cfg, self.base_dir)  # before a folder is copied over its source
         for sub, part_cfg in (("semantic", cfg.semantic), ("prompt", cfg.prompt)):
             if part_cfg is not None and hub.is_local(part_cfg.model_id, self.base_dir):
                 source = hub.resolve(part_cfg.model_id, self.base_dir)
@@ -183,6 +186,7 @@ class MAAGIQA(nn.Module):
         metadata = {"format": "pt", "ma_agiqa_config": cfg.name}
         if not self.trained:
             metadata[UNTRAINED_KEY] = UNTRAINED
+        metadata.update(recorded_metadata(named, cfg, self.checkpoint_hash if self.trained else None, directory))
         save_file(sd, str(directory / WEIGHTS_FILE), metadata=metadata)
         (directory / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         return directory

@@ -51,6 +51,21 @@ def _config(name, quality, semantic=None, prompt=None, moe_width=784, gate="soft
     )
 
 
+# Hub commits the registered MLLMs are pinned to (loaded with ``from_pretrained(revision=...)`` and part of the
+# model id), so a hub repository updated in place changes neither the scores nor the id without a new pin. Each
+# sha is a commit of the repository, as it appears in hub cache snapshot paths and tree links; llava-interleave's
+# could not be checked from here, so it names ``main`` explicitly: pin it (``revision``) before relying on it.
+REVISIONS = {
+    "llava-hf/llava-1.5-7b-hf": "a272c74b2481d8aff3aa6fc2c4bf891fe57334fb",
+    "llava-hf/llava-interleave-qwen-0.5b-hf": "main",
+    "Qwen/Qwen2-VL-2B-Instruct": "895c3a49bc3fa70a340399125c650a463535e71c",
+}
+
+
+def _hub_mllm(model_id: str) -> SemanticConfig:
+    return SemanticConfig(model_id=model_id, revision=REVISIONS[model_id])
+
+
 # The reference's MoE (MA-AGIQA's MA_AGIQA.forward): each semantic vector through Linear -> ReLU ->
 # Dropout(0.1), an un-normalised linear gate.
 REFERENCE_MOE = {"gate": "linear", "semantic_act": "relu", "semantic_dropout": 0.1}
@@ -78,7 +93,7 @@ def ma_agiqa_paper() -> ModelConfig:
     return _config(
         "ma-agiqa-paper",
         _maniqa_vit_b8(),
-        semantic=SemanticConfig(model_id="llava-hf/llava-1.5-7b-hf"),
+        semantic=_hub_mllm("llava-hf/llava-1.5-7b-hf"),
         train=TrainConfig(),  # the reference's: Adam 1e-5, wd 1e-5, cosine T_max 50 per iteration, batch 8, 30 epochs
         **REFERENCE_MOE,
     )
@@ -91,7 +106,7 @@ def ma_agiqa_small() -> ModelConfig:
     return _config(
         "ma-agiqa-small",
         _maniqa_vit_b8(),
-        semantic=SemanticConfig(model_id="llava-hf/llava-interleave-qwen-0.5b-hf"),
+        semantic=_hub_mllm("llava-hf/llava-interleave-qwen-0.5b-hf"),
         **REFERENCE_MOE,
     )
 
@@ -103,7 +118,7 @@ def ma_agiqa_qwen2_vl() -> ModelConfig:
     return _config(
         "ma-agiqa-qwen2-vl",
         _maniqa_vit_b8(),
-        semantic=SemanticConfig(model_id="Qwen/Qwen2-VL-2B-Instruct"),
+        semantic=_hub_mllm("Qwen/Qwen2-VL-2B-Instruct"),
         **REFERENCE_MOE,
     )
 

@@ -73,3 +73,31 @@ def test_the_command_line(tmp_path, capsys):
     assert compact.main(["--table", str(root), "--target-rows-per-file", "100"]) == 0
     assert "-> 1 parts, 8 rows" in capsys.readouterr().out
     assert compact.main(["--table", str(root), "--target-rows-per-file", "0"]) == 2
+
+
+def test_compaction_streams_into_parts_of_a_byte_target(tmp_path):
+    """Row groups streamed into parts closed at a byte target: a small target gives several parts, the current
+    rows unchanged, each part near the target (one row group past it at most)."""
+    import numpy as np
+
+    root = tmp_path / "scores"
+    for p in range(4):  # four parts of 500 rows, each source part in row groups of 100
+        ids = [f"i{p}-{k}" for k in range(500)]
+        write_scores(root, [(i, float(k % 7), "x" * 40) for k, i in enumerate(ids)])
+        table = pq.read_table(root / "part-0.parquet")
+        (root / "part-0.parquet").unlink()
+        pq.write_table(table, root / f"part-r{p}.parquet", row_group_size=100)
+    write_scores(root, [("i0-1", 6.5, "x")])  # supersedes one row
+    (root / "part-0.parquet").rename(root / "part-9.parquet")
+    before = read_scores(str(root))
+    summary = compact.compact(str(root), target_rows=10**6, target_bytes=8_000)
+    parts = sorted(root.glob("part-*.parquet"))
+    assert summary["rows_after"] == before.num_rows == 2000 and summary["superseded_removed"] == 1
+    assert summary["parts_after"] == len(parts) > 2
+    assert read_scores(str(root)).to_pylist() == before.to_pylist()
+    assert read_table(str(root)).num_rows == before.num_rows
+    sizes = np.array([p.stat().st_size for p in parts])
+    assert (sizes[:-1] >= 8_000).all()  # closed at the target, not before
+    assert compact.main(["--table", str(root), "--target-bytes-per-file", "1GB", "--target-rows-per-file", "5000"]) == 0
+    assert len(list(root.glob("part-*.parquet"))) == 1 and read_scores(str(root)).to_pylist() == before.to_pylist()
+    assert compact.parse_bytes("2MiB") == 2 << 20 and compact.parse_bytes("512MB") == 512 * 10**6

@@ -1,6 +1,7 @@
 """jobs.curate on a real local Ray: the second run in a row scores nothing; a grown manifest scores only its
 new rows."""
 import json
+import os
 import shutil
 
 import pyarrow as pa
@@ -40,10 +41,13 @@ def test_curate_twice_scores_nothing_then_only_new_rows(local_ray, tmp_path):
     assert {r["prompt"] for r in kept} <= {r["prompt"] for r in first}  # the manifest's metadata is joined
     assert s1["rejected_by"]["error"] == 1 and s1["kept"] + s1["rejected"] == 11
 
-    # Second run: the MLLM's weights are unreadable (zeroed in place: the model id, which covers the MLLM's
-    # files by name and size, is unchanged), so any model load would fail the job; nothing is scored.
+    # Second run: the MLLM's weights are unreadable (zeroed in place, their mtime kept: the model id, which
+    # covers their content as hashed once per node, cached by path, size and mtime, is unchanged), so any model
+    # load would fail the job; nothing is scored.
     for f in (ckpt / "semantic").glob("*.safetensors"):
-        f.write_bytes(b"\0" * f.stat().st_size)
+        st = f.stat()
+        f.write_bytes(b"\0" * st.st_size)
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     s2 = curate.run(curate.parse_args(argv))
     assert s2["scoring"]["to_score"] == 0 and s2["scoring"]["already_scored"] == 11
     assert sorted(r["image_id"] for r in read_table(f"{out}/kept").to_pylist()) == expected

@@ -36,7 +36,7 @@ def plan_request(request: ScoreRequest) -> tuple[ResolvedModel, "Manifest", JobS
     model = resolve_model(request.model)
     manifest = plan_input(ManifestFiles.open(request.manifest), request.output, request.limit)
     columns = plan_columns(request, model, manifest.schema)
-    model.refuse_untrained(request.allow_untrained)
+    model.check(request.allow_untrained)
     return model, manifest, job_spec(request, model, columns)
 
 
