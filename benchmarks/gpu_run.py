@@ -304,7 +304,7 @@ def markdown(data: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=None, help="results folder; default benchmarks/results/gpu-<date>/")
+    p.add_argument("--out", type=Path, default=None, help="results folder; default benchmarks/results/gpu-<date>/ (with --smoke a temporary folder)")
     p.add_argument("--smoke", action="store_true", help="CPU, 2 layers, 8 images: checks the script, measures nothing")
     p.add_argument("--images", default=None, help="images for the job (default: the shared AGIQA-3K, else samples/)")
     p.add_argument("--n-images", type=int, default=None, help="images through the job (default 2000; smoke 8)")
@@ -321,6 +321,10 @@ def main(argv=None):
     args.n_images = args.n_images or (8 if args.smoke else 2000)
     args.job_timeout = args.job_timeout or (600 if args.smoke else 300)
     args.images = args.images or str(DEFAULT_IMAGES if DEFAULT_IMAGES.is_dir() else SAMPLE)
+    if args.out is None and args.smoke:  # a smoke run's figures mean nothing: never beside the recorded ones
+        import tempfile
+
+        args.out = Path(tempfile.mkdtemp(prefix="gpu-run-smoke-"))
     out = args.out or REPO / "benchmarks" / "results" / f"gpu-{dt.date.today().isoformat()}"
     skip = set(filter(None, args.skip.split(",")))
     work = args.work / ("smoke" if args.smoke else "gpu")
