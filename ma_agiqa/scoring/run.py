@@ -118,6 +118,8 @@ def rows_to_score(manifest: Manifest, spec: JobSpec, batch_size: int, n_actors: 
 
     n = int(manifest.score.sum())
     block = rows_per_block(n, batch_size, n_actors)
+    if n == 0:  # nothing to read (Ray Data refuses a dataset of no read tasks)
+        return None, 0, block
     if manifest.tables is not None:
         table = driver_rows(manifest, spec)
         blocks = [table.slice(i, block) for i in range(0, len(table), block)] or [table]

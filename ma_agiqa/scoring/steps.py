@@ -107,10 +107,10 @@ class AssignIds:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         columns = {"image_id": image_ids(table), "uri": text_column(table, "uri")}
-        for name, typ in self.spec.keep_columns.items():
-            columns[name] = table[name].cast(typ)
+        for name, typ in self.spec.keep_columns.items():  # a read unit may lack a column others have: nulls
+            columns[name] = table[name].cast(typ) if name in table.column_names else pa.nulls(len(table), typ)
         if self.spec.prompt_column:
-            columns[PROMPT] = table[self.spec.prompt_column].cast(pa.string())
+            columns[PROMPT] = text_column(table, self.spec.prompt_column)
         for name in CARRIED:
             if name in table.column_names:
                 columns[name] = table[name]
