@@ -100,7 +100,8 @@ def _listing(uri: str):
             paths = fs.find(root)
         elif any(c in path for c in GLOB_CHARS):
             root = _glob_root(path)
-            paths = [p for p in fs.glob(path) if not fs.isdir(p)]
+            paths = fs.glob(path, detail=True)
+            paths = [p for p, info in paths.items() if info.get("type") != "directory"]
         else:
             return None
     except Exception as e:  # noqa: BLE001
@@ -150,6 +151,9 @@ class ImageFolder:
     @classmethod
     def from_listing(cls, uri, protocol, root, paths, prompt_column, prompt_from) -> "ImageFolder":
         present = set(paths)
+        if any(c in uri for c in GLOB_CHARS):  # the sidecars of a glob's images need not match it (*.jpg)
+            fs, _ = fsspec.core.url_to_fs(uri)
+            present |= set(fs.glob(posixpath.join(root, "**", "*.txt")) + fs.glob(posixpath.join(root, "**", "*.json")))
         entries = []
         for p in paths:
             if suffix(p) not in IMAGE_SUFFIXES:
