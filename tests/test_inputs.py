@@ -18,8 +18,8 @@ from helpers import SAMPLE, read_table
 from jobs import score
 from ma_agiqa import locators
 from ma_agiqa.manifests import ManifestError
-from ma_agiqa.scoring.inputs import ImageFolder, ParquetImages, WebDatasetShards, open_input
-from ma_agiqa.scoring.plan import ManifestFiles, plan_input
+from ma_agiqa.scoring.inputs import ParquetImages, WebDatasetShards, open_input
+from ma_agiqa.scoring.plan import plan_input
 from ma_agiqa.scoring.request import ScoreRequest
 from ma_agiqa.sources import comfy_prompt, expand_braces, metadata_prompt, png_text
 

@@ -1,6 +1,7 @@
-"""The scoring job's input kinds besides manifests, each an ``plan.InputFiles``, and ``open_input``, which
-picks the kind of a request's input.
+"""The scoring job's input kinds, each a ``plan.InputFiles``, and ``open_input``, which picks the kind of a
+request's input.
 
+- ``ManifestFiles``: manifests (Parquet, CSV, JSONL) of image URIs, as before.
 - ``ImageFolder``: a folder or glob of images (``--images``, or ``--manifest DIR`` holding images and no
   manifest). ``id`` = the path relative to the root, ``uri`` = the image's URI. Listed once in the driver
   (one fsspec ``find``/``glob``: no per-image stat); prompts from sidecars (``a.txt``, or a field of
@@ -43,11 +44,41 @@ import pyarrow.parquet as pq
 
 from .. import locators
 from ..errors import JobConfigError
-from ..manifests import MANIFEST_SUFFIXES, ManifestError, id_text
+from ..manifests import MANIFEST_SUFFIXES, ManifestError, check_uris, expand_manifest, id_text, read_manifest_file
 from ..sources import GLOB_CHARS, IMAGE_SUFFIXES, expand_braces, full_uri, has_braces, metadata_prompt, png_text, suffix, tar_samples
 from ..uris import redact, redact_text, scheme_of
-from .plan import ManifestFiles
 from .steps import BYTES, READ_ERROR
+
+
+@dataclass(frozen=True)
+class ManifestFiles:
+    """A manifest: one file, a directory or a glob of Parquet, CSV or JSONL files of one format. The driver
+    holds its rows (up to DRIVER_ROWS)."""
+
+    uri: str
+    files: list[str]
+    fmt: str
+    in_tasks = False
+    schema = None
+
+    @classmethod
+    def open(cls, uri: str) -> "ManifestFiles":
+        files, fmt = expand_manifest(uri)
+        return cls(uri, files, fmt)
+
+    @property
+    def units(self) -> list[str]:
+        return self.files
+
+    def read(self, file: str) -> pa.Table:
+        table = read_manifest_file(file, self.fmt)
+        if "uri" not in table.column_names:
+            raise ManifestError(f"manifest file {redact(file)} has no 'uri' column (columns: {', '.join(table.column_names)})")
+        check_uris(table, file)  # a file of URIs the job cannot read at all stops here, not as error rows
+        return table
+
+    plan = read
+
 
 READ_SLICE = 1000  # images of a folder per read task
 JSON_PROMPT_FIELDS = ("prompt", "caption")  # a sidecar .json's prompt field, unless --prompt-column names one
@@ -241,8 +272,6 @@ class ParquetImages:
 
     @classmethod
     def open(cls, uri: str, image_column: str, id_column: str | None) -> "ParquetImages":
-        from ..manifests import expand_manifest
-
         files, fmt = expand_manifest(uri)
         if fmt != "parquet":
             raise ManifestError(f"--image-column reads Parquet files; {redact(uri)} holds {fmt} files")

@@ -4,7 +4,7 @@ which rows this run scores, and the JobSpec every step receives.
 
 An input kind is an ``InputFiles``: its files, its read units, and how one unit becomes a table of rows
 with a ``uri`` (and, if it names them, an ``id``). ``ManifestFiles`` reads manifests (Parquet, CSV, JSONL);
-``scoring.inputs`` holds the other kinds (a folder of images, Parquet with image bytes, WebDataset shards),
+``scoring.inputs`` holds it and the other kinds (a folder of images, Parquet with image bytes, WebDataset shards),
 which plan through ``plan_input`` the same way: the driver learns every row's id from ``plan`` (cheap: ids
 and metadata, never image bytes), and Ray tasks ``read`` the same units again, rows in the same order.
 """
@@ -18,9 +18,10 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import JobConfigError
-from ..manifests import ManifestError, check_uris, expand_manifest, image_ids, read_manifest_file
+from ..manifests import ManifestError, image_ids
 from ..schema import score_schema
 from ..uris import redact
+from .inputs import ManifestFiles, open_input  # noqa: F401 - ManifestFiles: the manifest kind, planned here too
 from .model_ref import ResolvedModel, resolve_model
 from .request import ScoreRequest
 from .steps import AssignIds, JobSpec
@@ -36,8 +37,6 @@ def plan_request(request: ScoreRequest) -> tuple[ResolvedModel, "Manifest", JobS
     read the MLLM's files from its hub, so untrained heads are refused before it)."""
     request.check()
     model = resolve_model(request.model)
-    from .inputs import open_input
-
     manifest = plan_input(open_input(request), request.output, request.limit)
     columns = plan_columns(request, model, manifest.schema)
     model.refuse_untrained(request.allow_untrained)
@@ -60,36 +59,6 @@ class InputFiles(Protocol):
     def read(self, unit) -> pa.Table:
         """The unit's rows to score: ``plan``'s rows, in the same order, with all their columns (raising
         ManifestError when it cannot be used)."""
-
-
-@dataclass(frozen=True)
-class ManifestFiles:
-    """A manifest: one file, a directory or a glob of Parquet, CSV or JSONL files of one format. The driver
-    holds its rows (up to DRIVER_ROWS)."""
-
-    uri: str
-    files: list[str]
-    fmt: str
-    in_tasks = False
-    schema = None
-
-    @classmethod
-    def open(cls, uri: str) -> "ManifestFiles":
-        files, fmt = expand_manifest(uri)
-        return cls(uri, files, fmt)
-
-    @property
-    def units(self) -> list[str]:
-        return self.files
-
-    def read(self, file: str) -> pa.Table:
-        table = read_manifest_file(file, self.fmt)
-        if "uri" not in table.column_names:
-            raise ManifestError(f"manifest file {redact(file)} has no 'uri' column (columns: {', '.join(table.column_names)})")
-        check_uris(table, file)  # a file of URIs the job cannot read at all stops here, not as error rows
-        return table
-
-    plan = read
 
 
 @dataclass
