@@ -77,19 +77,34 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--read-timeout", type=float, default=DEFAULTS["read_timeout"], help="seconds an object store may send nothing, per request")
     p.add_argument("--fetch-timeout", type=float, default=DEFAULTS["fetch_timeout"],
                    help="seconds to read one image from an object store, retries included (0: no deadline); over it, the row is a 'timeout' error")
+    p.add_argument("--image-column", default=DEFAULTS["image_column"],
+                   help="the input is Parquet holding the images in this column (struct {bytes, path} as Hugging Face "
+                        "datasets write it, or binary); scored from the bytes, which never reach the score table")
+    p.add_argument("--id-column", default=DEFAULTS["id_column"],
+                   help="with --image-column: the column of image ids (default: a SHA-1 of each image's bytes, which "
+                        "means the driver reads the images once to plan)")
+    p.add_argument("--prompt-from", choices=("sidecar", "metadata"), default=DEFAULTS["prompt_from"],
+                   help="a folder of images: prompts from sidecar files (a.txt, or a field of a.json: --prompt-column, "
+                        "default prompt then caption), or from each PNG's own text chunks (Automatic1111 'parameters', "
+                        "ComfyUI 'prompt'), then sidecars")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__.split("\n")[0])
-    p.add_argument("--manifest", required=True, help="a Parquet/CSV/JSONL file, a directory or a glob (local, file://, s3://, gs://)")
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--manifest", help="a Parquet/CSV/JSONL manifest (a file, a directory or a glob), a folder of images, "
+                                           "Parquet with images (--image-column), or WebDataset .tar shards (a file, a directory, "
+                                           "a glob or a brace pattern like shards/{00000..00099}.tar); local, file://, s3://, gs://")
+    inputs.add_argument("--images", help="a folder or glob of images (local or s3://): each image a row, its id its path "
+                                         "relative to the folder")
     p.add_argument("--output", required=True, help="directory URI of the score table (Parquet parts)")
     add_scoring_args(p)
     p.add_argument("--rows-per-file", type=int, default=DEFAULTS["rows_per_file"], help="rows per output Parquet part")
     return p.parse_args(argv)
 
 
-# The request's fields that add_scoring_args parses; manifest, output and rows_per_file are each job's own.
-SCORING_OPTIONS = [f.name for f in fields(ScoreRequest) if f.name not in ("manifest", "output", "rows_per_file")]
+# The request's fields that add_scoring_args parses; manifest, output, rows_per_file and input_kind are each job's own.
+SCORING_OPTIONS = [f.name for f in fields(ScoreRequest) if f.name not in ("manifest", "output", "rows_per_file", "input_kind")]
 
 
 def request_from(args: argparse.Namespace, manifest: str, output: str, **given) -> ScoreRequest:
@@ -100,7 +115,9 @@ def request_from(args: argparse.Namespace, manifest: str, output: str, **given) 
 
 def run(args: argparse.Namespace) -> dict:
     """``ma_agiqa.scoring.score`` of parse_args' options: the run's summary."""
-    return score(request_from(args, args.manifest, args.output, rows_per_file=args.rows_per_file))
+    images = getattr(args, "images", None)
+    return score(request_from(args, images or args.manifest, args.output, rows_per_file=args.rows_per_file,
+                              input_kind="images" if images else "auto"))
 
 
 class _Interrupts:

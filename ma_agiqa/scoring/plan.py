@@ -2,9 +2,11 @@
 and checked (a file that cannot be parsed stops the run here, with the file and line), each row's image_id,
 which rows this run scores, and the JobSpec every step receives.
 
-An input kind is an ``InputFiles``: its files, and how one of them becomes a table of rows with a ``uri``
-(and, if it names them, an ``id``). ``ManifestFiles`` reads manifests (Parquet, CSV, JSONL); other kinds (a
-folder of images, Parquet with image bytes, WebDataset shards) plan through ``plan_input`` the same way.
+An input kind is an ``InputFiles``: its files, its read units, and how one unit becomes a table of rows
+with a ``uri`` (and, if it names them, an ``id``). ``ManifestFiles`` reads manifests (Parquet, CSV, JSONL);
+``scoring.inputs`` holds it and the other kinds (a folder of images, Parquet with image bytes, WebDataset shards),
+which plan through ``plan_input`` the same way: the driver learns every row's id from ``plan`` (cheap: ids
+and metadata, never image bytes), and Ray tasks ``read`` the same units again, rows in the same order.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import JobConfigError
-from ..manifests import ManifestError, check_uris, expand_manifest, image_ids, read_manifest_file
+from ..manifests import ManifestError, image_ids
 from ..schema import score_schema
 from ..uris import redact
+from .inputs import ManifestFiles, open_input  # noqa: F401 - ManifestFiles: the manifest kind, planned here too  # noqa: F401 - re-exported: the manifest input lives with the others
 from .model_ref import ResolvedModel, resolve_model
 from .request import ScoreRequest
 from .steps import AssignIds, JobSpec
@@ -34,42 +37,28 @@ def plan_request(request: ScoreRequest) -> tuple[ResolvedModel, "Manifest", JobS
     read the MLLM's files from its hub, so untrained heads are refused before it)."""
     request.check()
     model = resolve_model(request.model)
-    manifest = plan_input(ManifestFiles.open(request.manifest), request.output, request.limit)
+    manifest = plan_input(open_input(request), request.output, request.limit)
     columns = plan_columns(request, model, manifest.schema)
     model.check(request.allow_untrained)
     return model, manifest, job_spec(request, model, columns)
 
 
 class InputFiles(Protocol):
-    """An input of the job, as files of rows. Read in the driver and again, past DRIVER_ROWS, in Ray tasks:
-    it must pickle."""
+    """An input of the job, as read units of rows. Planned in the driver (``plan``) and read again in Ray
+    tasks (``read``) where the driver cannot or should not hold the rows: it must pickle."""
 
     uri: str  # as the user gave it
-    files: list[str]
+    files: list[str]  # the files it reads (--output may not hold one)
+    units: list  # what one read task reads: a manifest file, a Parquet row group, a tar shard, a slice of a listing
+    in_tasks: bool  # rows hold what only a Ray task should read (image bytes, sidecar prompts): never the driver's
+    schema: pa.Schema | None  # the columns ``read`` gives, where ``plan`` gives fewer; None: plan's columns
 
-    def read(self, file: str) -> pa.Table:
-        """One file's rows, with a ``uri`` column (raising ManifestError when it cannot be used)."""
+    def plan(self, unit) -> pa.Table:
+        """The unit's rows as the driver plans them: ``uri``, ``id`` if the kind names ids, and metadata."""
 
-
-@dataclass(frozen=True)
-class ManifestFiles:
-    """A manifest: one file, a directory or a glob of Parquet, CSV or JSONL files of one format."""
-
-    uri: str
-    files: list[str]
-    fmt: str
-
-    @classmethod
-    def open(cls, uri: str) -> "ManifestFiles":
-        files, fmt = expand_manifest(uri)
-        return cls(uri, files, fmt)
-
-    def read(self, file: str) -> pa.Table:
-        table = read_manifest_file(file, self.fmt)
-        if "uri" not in table.column_names:
-            raise ManifestError(f"manifest file {redact(file)} has no 'uri' column (columns: {', '.join(table.column_names)})")
-        check_uris(table, file)  # a file of URIs the job cannot read at all stops here, not as error rows
-        return table
+    def read(self, unit) -> pa.Table:
+        """The unit's rows to score: ``plan``'s rows, in the same order, with all their columns (raising
+        ManifestError when it cannot be used)."""
 
 
 @dataclass
@@ -79,7 +68,7 @@ class Manifest:
 
     source: InputFiles
     schema: pa.Schema
-    ids: pa.ChunkedArray  # image_id of every row within --limit, one chunk per file
+    ids: pa.ChunkedArray  # image_id of every row within --limit, one chunk per read unit
     score: np.ndarray  # bool per row: scored by this run (the first row of each id, not already in the table)
     repeated: int  # rows whose image_id an earlier row already has: scored once, at the first
     tables: list[pa.Table] | None = None  # the rows of each file, when the driver holds them
@@ -92,7 +81,7 @@ class Manifest:
         return [len(c) for c in self.ids.chunks]
 
     def skipped_by_file(self) -> dict[int, np.ndarray]:
-        """Per file index, the positions of its rows that this run does not score."""
+        """Per read unit's index, the positions of its rows that this run does not score."""
         out, offset = {}, 0
         for i, n in enumerate(self.file_rows()):
             skip = np.flatnonzero(~self.score[offset:offset + n])
@@ -125,17 +114,18 @@ def check_output(output: str, source: InputFiles) -> None:
 
 
 def plan_input(source: InputFiles, output: str, limit: int | None = None) -> Manifest:
-    """Reads every file of the input in the driver, cut at ``limit`` rows. Rows that repeat an earlier row's
-    image_id are scored once (the first); the summary counts them. Past DRIVER_ROWS only the ids stay in the
-    driver."""
+    """Plans every read unit of the input in the driver, cut at ``limit`` rows. Rows that repeat an earlier
+    row's image_id are scored once (the first); the summary counts them. Past DRIVER_ROWS, and always for an
+    input read in tasks, only the ids stay in the driver. Units of an input read in tasks are planned a few
+    at a time in threads (their plan can mean reading a shard or hashing a row group's images), in order."""
     check_output(output, source)
-    tables, ids, schema, total = [], [], None, 0
-    for f in source.files:
-        table = source.read(f)
+    tables, ids, schema, total = ([] if not source.in_tasks else None), [], source.schema, 0
+    for table in _planned(source, limit):
         if limit is not None:
             table = table.slice(0, max(0, limit - total))
         total += len(table)
-        schema = table.schema if schema is None else pa.unify_schemas([schema, table.schema], promote_options="permissive")
+        if source.schema is None:
+            schema = table.schema if schema is None else pa.unify_schemas([schema, table.schema], promote_options="permissive")
         ids.append(pa.chunked_array([image_ids(table)], pa.string()).combine_chunks())
         if tables is not None:
             tables.append(table)
@@ -149,6 +139,39 @@ def plan_input(source: InputFiles, output: str, limit: int | None = None) -> Man
     score = np.zeros(total, bool)
     score[first] = True
     return Manifest(source, schema, all_ids, score, int(total - len(first)), tables)
+
+
+PLAN_THREADS = 4  # units of an input read in tasks planned at once in the driver (each holds one unit's data)
+
+
+def _planned(source: InputFiles, limit: int | None):
+    """Each unit's planned table, in order; a unit past ``limit`` rows is an empty table, never planned."""
+    if not source.in_tasks:
+        total = 0
+        for unit in source.units:
+            table = source.plan(unit) if limit is None or total < limit else None
+            if table is None:
+                break
+            total += len(table)
+            yield table
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(PLAN_THREADS) as pool:
+        pending, units, total = deque(), iter(source.units), 0
+        while True:
+            while len(pending) < PLAN_THREADS and (unit := next(units, None)) is not None:
+                pending.append(pool.submit(source.plan, unit))
+            if not pending:
+                return
+            table = pending.popleft().result()
+            total += len(table)
+            yield table
+            if limit is not None and total >= limit:
+                for f in pending:
+                    f.cancel()
+                return
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ class ScoreRequest:
     are jobs.score's options (``--batch-size`` is ``batch_size``); None means "work it out" where the CLI's
     help says so, and never stands in for zero."""
 
-    manifest: str  # a Parquet/CSV/JSONL file, a directory or a glob (local, file://, s3://, gs://)
+    manifest: str  # a manifest, a folder of images, Parquet with images, tar shards (scoring.inputs; local or remote)
     output: str  # directory URI of the score table
     model: str = DEFAULT_MODEL  # a registered name, or a checkpoint directory (local or s3://)
     allow_untrained: bool = False  # score with heads never trained (random: tests and smoke runs)
@@ -51,6 +51,10 @@ class ScoreRequest:
     connect_timeout: float = CONNECT_TIMEOUT  # seconds, per request to an object store
     read_timeout: float = READ_TIMEOUT  # seconds without a byte, per request
     fetch_timeout: float = FETCH_TIMEOUT  # seconds, per object, retries included; 0: no deadline
+    input_kind: str = "auto"  # "images": ``manifest`` is a folder or glob of images (jobs.score --images)
+    image_column: str | None = None  # Parquet input whose column holds the image bytes
+    id_column: str | None = None  # with image_column: the column of ids (else a digest of the bytes)
+    prompt_from: str = "sidecar"  # or "metadata": a folder's prompts from PNG text chunks, then sidecars
 
     def check(self) -> None:
         """Raises JobConfigError on values no run can use; zero is taken as zero wherever it can run."""
@@ -76,6 +80,10 @@ class ScoreRequest:
             raise JobConfigError(f"--max-error-fraction must be between 0 and 1, got {self.max_error_fraction}")
         if self.fuse not in FUSE_CHOICES:
             raise JobConfigError(f"--fuse must be one of {', '.join(FUSE_CHOICES)}, got {self.fuse!r}")
+        if self.input_kind not in ("auto", "images"):
+            raise JobConfigError(f"input_kind must be 'auto' or 'images', got {self.input_kind!r}")
+        if self.prompt_from not in ("sidecar", "metadata"):
+            raise JobConfigError(f"--prompt-from must be sidecar or metadata, got {self.prompt_from!r}")
         if isinstance(self.keep_columns, str):
             raise JobConfigError("keep_columns is a list of column names, not one string")
 

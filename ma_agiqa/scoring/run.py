@@ -115,11 +115,13 @@ def rows_to_score(manifest: Manifest, spec: JobSpec, batch_size: int, n_actors: 
     """(Ray Dataset of the input rows this run scores, in blocks of ``rows_per_block`` rows, their count, the
     block size)."""
     # An input the driver holds goes to Ray as its blocks (from_blocks: no read or repartition task). A
-    # larger one is read again by Ray tasks, a file each, with the same reader.
+    # larger one, or one whose rows carry their images, is read again by Ray tasks, a read unit each.
     import ray.data
 
     n = int(manifest.score.sum())
     block = rows_per_block(n, batch_size, n_actors)
+    if n == 0:  # nothing to read (Ray Data refuses a dataset of no read tasks)
+        return None, 0, block
     if manifest.tables is not None:
         table = driver_rows(manifest, spec)
         blocks = [table.slice(i, block) for i in range(0, len(table), block)] or [table]
@@ -127,8 +129,7 @@ def rows_to_score(manifest: Manifest, spec: JobSpec, batch_size: int, n_actors: 
         # than in a remote task per block.
         return ray.data.from_blocks(blocks), n, block
     skip = manifest.skipped_by_file()
-    files = [{"index": i, "file": f} for i, (f, rows) in enumerate(zip(manifest.source.files, manifest.file_rows()))
-             if rows and len(skip.get(i, [])) < rows]
+    files = [{"index": i} for i, rows in enumerate(manifest.file_rows()) if rows and len(skip.get(i, [])) < rows]
     todo = (
         ray.data.from_items(files, override_num_blocks=len(files))
         .map_batches(ReadInputFiles(manifest.source, manifest.file_rows(), skip, spec), batch_size=1, batch_format="pyarrow")

@@ -1,7 +1,7 @@
 """The scoring job's steps: small callables from one pyarrow table to the next, knowing nothing of the
 executor. ``run.py`` runs them on Ray Data; the benchmark's plain loop runs the same ones in a ``for`` loop.
 
-input files -> ReadInputFiles (large inputs) -> AssignIds -> FetchDecode (CPU) -> SemanticFeatures (GPU)
+input units -> ReadInputFiles (large inputs, and inputs whose rows carry their images) -> AssignIds -> FetchDecode (CPU) -> SemanticFeatures (GPU)
 -> ScoreRows (GPU) -> WriteParts -> summarise
 (ScoreImages runs the two model steps in one actor, for clusters without GPUs.)
 
@@ -36,6 +36,9 @@ PIXELS = "_quality_pixels"
 SEM_PIXELS, SEM_H, SEM_W = "_semantic_pixels", "_semantic_h", "_semantic_w"
 PROMPT = "_prompt"
 FALLBACK = "_fallback"  # 1 on one row of each batch that a model stage had to score row by row
+BYTES = "_image_bytes"  # the image itself, where the input's read task holds it (a Parquet cell, a tar member)
+READ_ERROR = "_read_error"  # why the read task has no image for the row ("kind: message"): an error row
+CARRIED = (BYTES, READ_ERROR)  # from the read task to FetchDecode, which drops them
 
 
 @dataclass
@@ -114,32 +117,35 @@ def text_column(table: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
 
 
 class AssignIds:
-    """Adds ``image_id`` (``image_ids``) and keeps only the columns the job uses."""
+    """Adds ``image_id`` (``image_ids``) and keeps only the columns the job uses (and CARRIED ones)."""
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
 
     def __call__(self, table: pa.Table) -> pa.Table:
         columns = {"image_id": image_ids(table), "uri": text_column(table, "uri")}
-        for name, typ in self.spec.keep_columns.items():
-            columns[name] = table[name].cast(typ)
+        for name, typ in self.spec.keep_columns.items():  # a read unit may lack a column others have: nulls
+            columns[name] = table[name].cast(typ) if name in table.column_names else pa.nulls(len(table), typ)
         if self.spec.prompt_column:
-            columns[PROMPT] = table[self.spec.prompt_column].cast(pa.string())
+            columns[PROMPT] = text_column(table, self.spec.prompt_column)
+        for name in CARRIED:
+            if name in table.column_names:
+                columns[name] = table[name]
         return pa.table(columns)
 
 
 class ReadInputFiles:
-    """A Ray task's share of an input too large for the driver to hold: its files read with the driver's
-    reader, cut where the driver cut them (--limit), ids assigned, and the rows the driver decided not to
-    score (repeats, already in the table) dropped."""
+    """A Ray task's share of an input the driver does not hold (too large, or its rows carry their images):
+    its read units read with the input's reader, cut where the driver cut them (--limit), ids assigned, and
+    the rows the driver decided not to score (repeats, already in the table) dropped."""
 
     def __init__(self, source, file_rows: list[int], skip: dict[int, np.ndarray], spec: JobSpec):
         self.source, self.file_rows, self.skip, self.assign = source, file_rows, skip, AssignIds(spec)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
-        for index, uri in zip(batch["index"].to_pylist(), batch["file"].to_pylist()):
-            table = self.source.read(uri).slice(0, self.file_rows[index])
+        for index in batch["index"].to_pylist():
+            table = self.source.read(self.source.units[index]).slice(0, self.file_rows[index])
             keep = np.ones(len(table), bool)
             keep[self.skip.get(index, [])] = False
             out.append(self.assign(table.filter(pa.array(keep))))
@@ -147,8 +153,9 @@ class ReadInputFiles:
 
 
 class FetchDecode:
-    """Reads the bytes of each row's image concurrently, decodes and preprocesses them with the library's
-    one preprocessing; anything that fails for one row becomes that row's error. Fetches run in
+    """Reads the bytes of each row's image concurrently (unless the read task holds them: BYTES), decodes
+    and preprocesses them with the library's one preprocessing; anything that fails for one row (or that
+    the read task could not read: READ_ERROR) becomes that row's error. Fetches run in
     ``fetch_threads`` threads, decoding in at most ``decode_slots`` of them at once, so the memory a batch
     can take is bounded (``JobSpec.decode_memory``)."""
 
@@ -168,12 +175,18 @@ class FetchDecode:
         except ImageError as e:
             return None, f"{e.kind}: {e.message}"
 
-    def _one(self, uri):
+    def _one(self, source):
+        """``source``: the URI to fetch, or the image's bytes (a buffer) as the read task gave them."""
         from ..images import decode_image, shrink
         from ..preprocess import quality_pixels
 
         try:
-            data = self.fetcher.fetch(uri)
+            if isinstance(source, str):
+                data = self.fetcher.fetch(source)
+            elif len(source) > self.spec.max_bytes:
+                raise ImageError("too_large", f"{len(source)} bytes, over the limit of {self.spec.max_bytes} (--max-bytes)")
+            else:
+                data = source.to_pybytes()
             with self.decoding:
                 img = decode_image(data, self.spec.max_pixels)
                 del data
@@ -198,7 +211,11 @@ class FetchDecode:
 
             self.decoding = threading.BoundedSemaphore(self.spec.decode_slots)
             self.pool = ThreadPoolExecutor(max_workers=self.spec.fetch_threads)
-        where = [self._where(u) for u in table["uri"].to_pylist()]
+        given = _buffers(table[BYTES]) if BYTES in table.column_names else [None] * len(table)
+        where = [(None, error) if error else (data, None) if data is not None else self._where(uri)
+                 for uri, data, error in zip(table["uri"].to_pylist(), given, _texts(table, READ_ERROR))]
+        del given
+        table = table.drop_columns([c for c in CARRIED if c in table.column_names])
         fetched = iter(self.pool.map(self._one, [full for full, _ in where if full is not None]))
         results = [next(fetched) if full is not None else (None, error) for full, error in where]
         ok = [r is not None for r, _ in results]
@@ -213,6 +230,15 @@ class FetchDecode:
             table = table.append_column(SEM_H, pa.array([r[3][1] if r else None for r, _ in results], pa.int32()))
             table = table.append_column(SEM_W, pa.array([r[3][2] if r else None for r, _ in results], pa.int32()))
         return table
+
+
+def _buffers(column) -> list:
+    """Each cell of a binary column as an Arrow buffer (not copied), or None."""
+    return [c.as_buffer() if c.is_valid else None for c in column]
+
+
+def _texts(table: pa.Table, name: str) -> list:
+    return table[name].to_pylist() if name in table.column_names else [None] * len(table)
 
 
 def model_error(stage: str, e: BaseException) -> str:
