@@ -21,7 +21,7 @@ from ..errors import JobConfigError
 from ..manifests import ManifestError, image_ids
 from ..schema import score_schema
 from ..uris import redact
-from .inputs import ManifestFiles, open_input  # noqa: F401 - ManifestFiles: the manifest kind, planned here too  # noqa: F401 - re-exported: the manifest input lives with the others
+from .inputs import ManifestFiles, open_input  # noqa: F401 - ManifestFiles: the manifest kind, planned here too
 from .model_ref import ResolvedModel, resolve_model
 from .request import ScoreRequest
 from .steps import AssignIds, JobSpec
