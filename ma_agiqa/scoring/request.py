@@ -41,6 +41,7 @@ class ScoreRequest:
     max_error_fraction: float = 0.1  # above it the summary says failed (jobs.score: exit 3)
     s3_endpoint: str | None = None  # sets AWS_ENDPOINT_URL
     rows_per_file: int = 5000  # rows per output Parquet part
+    shared_filesystem: bool = False  # a local --output is the same storage on every node of the cluster
 
     def check(self) -> None:
         """Raises JobConfigError on values no run can use; zero is taken as zero wherever it can run."""
