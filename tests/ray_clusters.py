@@ -15,8 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the ray of this interpreter, venv activated or not
 if not os.path.exists(RAY):
     RAY = "ray"
-# Ray Data's own detached actors, shared by every Ray Data job on a cluster and left there by design.
-RAY_DATA_SHARED = {"AutoscalingCoordinator", "AutoscalingRequester"}
+# Ray Data's own detached actors (no CPU), shared by every Ray Data job on a cluster and left there by design
+# (ray/data/_internal: stats.py, usage/actor.py, node_trackers/actor_location.py, cluster_autoscaler/).
+RAY_DATA_SHARED = {"datasets_stats_actor", "ActorLocationTracker", "DataUsageCollectionActor", "AutoscalingCoordinator",
+                   "AutoscalingRequester"}
 
 
 def free_port() -> int:

@@ -48,8 +48,8 @@ def score(request: ScoreRequest) -> dict:
     request = replace(request, output=table_location(request.output))
     model, manifest, spec = plan_request(request)
     run = {"run_id": new_run_id(), "host": socket.gethostname(), "started_at": _now()}
-    with _terminate_as_interrupt():
-        init_ray(request.address, request.s3_endpoint)
+    init_ray(request.address, request.s3_endpoint)
+    with _terminate_as_interrupt():  # after ray.init, which sets a SIGTERM handler of its own (sys.exit(15))
         try:
             return _score_on_ray(request, model, manifest, spec, run)
         finally:
