@@ -41,6 +41,10 @@ def test_a_worker_node_lost_mid_run_costs_at_most_one_re_run(tmp_path):
         while not _alive_nodes(address) == 2:
             assert time.time() < deadline, "the two-node cluster did not come up"
             time.sleep(1)
+        # without --shared-filesystem a local output on two nodes is refused, before any row is scored
+        refused = subprocess.run(cmd[:-1], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and "on a cluster of 2 nodes" in refused.stderr, refused.stderr[-3000:]
+        assert not out.exists()
         with open(log, "w") as f:
             jobs.append(subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
         deadline = time.time() + 300

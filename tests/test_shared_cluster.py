@@ -53,7 +53,7 @@ def test_fit_is_judged_against_free_resources_and_a_finished_job_leaves_nothing(
     ray.get(other.ready(), timeout=30)
     log, out = tmp_path / "job.log", tmp_path / "scores"
     proc = job(cluster, log, "--output", out, "--limit", 8, "--quality-actors", 1, "--cpus-per-actor", 1,
-               "--wait-for-cluster", 300)
+               "--wait-for-cluster", 300, "--semantic-actors", 2)  # fused on CPUs: no semantic stage to size
     try:
         wait_for_text(log, "waiting for the cluster", proc, timeout=120)
         assert "free now 1 CPUs and 0 GPUs on 1 nodes; other jobs hold 3 CPUs" in log.read_text()
@@ -67,6 +67,8 @@ def test_fit_is_judged_against_free_resources_and_a_finished_job_leaves_nothing(
     assert summary["ok"] == summary["table_rows"] == 8
     assert json.loads((out / "_runs" / f"{summary['run_id']}.json").read_text()) == summary
     assert f"score table: {out} (8 rows" in log.read_text()
+    assert "warning: ignored --semantic-actors 2: the model stages are fused" in log.read_text()
+    assert summary["ignored_options"] == ["--semantic-actors 2: the model stages are fused (--fuse)"]
 
 
 def test_a_waiting_request_holds_until_the_wait_ends_by_timeout_or_sigterm(cluster, tmp_path):
