@@ -164,17 +164,18 @@ def standing_request() -> list[dict]:
 
 
 def wait_for_cluster(layout: Layout, local: bool, timeout_s: float) -> None:
-    """Waits until the cluster can give the layout now (each bundle on one node's free resources). A local
-    Ray is what it is: a layout it cannot hold is the user's error. A cluster may scale up or other jobs may
-    finish: ask its autoscaler for the layout's bundles (request_resources, repeated while waiting), say what
-    is missing every 15 s, and clear the request when the wait ends, however it ends, until ``timeout_s``."""
+    """Waits until the cluster can give the layout now (each bundle on one node's free resources), saying what
+    is missing every 15 s, until ``timeout_s``. A local Ray is what it is: a layout its totals cannot hold is
+    the user's error, at once (what it holds now, an earlier run's actors, it releases). A cluster may scale up
+    or other jobs may finish: ask its autoscaler for the layout's bundles (request_resources, repeated while
+    waiting) and clear the request when the wait ends, however it ends."""
     import ray
 
     bundles = layout.bundles()
     free, total = free_resources()
     if fits(bundles, free):
         return
-    if local:
+    if local and not fits(bundles, total):
         raise JobConfigError(
             f"{layout.actors} model actors x ({layout.cpus:g} CPU, {layout.gpus:g} GPU) and one CPU for decoding do not "
             f"fit this machine's Ray ({ray.cluster_resources()}): lower --cpus-per-actor, --gpus-per-actor or the actor counts")
@@ -188,7 +189,7 @@ def wait_for_cluster(layout: Layout, local: bool, timeout_s: float) -> None:
             if waited > timeout_s:
                 raise JobConfigError(f"the cluster did not give the job its actors within {timeout_s:g} s "
                                      f"(--wait-for-cluster): {describe_wait(layout, free, total)}")
-            if asked is None or now - asked >= REASSERT_S:
+            if not local and (asked is None or now - asked >= REASSERT_S):
                 ask_cluster(bundles)
                 asked = now
             if said is None or waited - said >= 15:
