@@ -63,6 +63,7 @@ def _score_on_ray(request: ScoreRequest, model, manifest: Manifest, spec: JobSpe
     on_cluster = bool(request.address or os.environ.get("RAY_ADDRESS"))
     layout = plan_layout(request, bool(spec.semantic_prompts), ray.cluster_resources())
     ignored = ignored_options(request, layout, bool(spec.semantic_prompts))
+    check_single_node(request, on_cluster)  # before waiting for nodes, and again with the nodes that joined
     wait_for_cluster(layout, local=not on_cluster, timeout_s=request.wait_for_cluster)
     check_single_node(request, on_cluster)
 
