@@ -2,7 +2,6 @@
 the `ray start --head` that follows requires the token. The script sends it (RAY_AUTH_MODE=token when the
 file exists and the mode is unset), and a job submitted with a relative --output, which would land in Ray's
 temporary copy of the working directory, is refused."""
-import os
 import subprocess
 import time
 
@@ -56,6 +55,5 @@ def test_score_sample_sh_submits_to_a_head_that_requires_the_local_token(tmp_pat
         said = relative.stdout + relative.stderr
         assert relative.returncode != 0 and "inside the temporary copy of the working directory" in said, said[-3000:]
         assert "Traceback" not in said
-        assert not (REPO / "outputs" / "sample-scores").exists() or os.environ.get("KEEP")  # nothing written here
     finally:
         kill_session(head)
