@@ -65,6 +65,8 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-errors", action="store_true", help="also score again the rows whose error is permanent (missing, not_image, ...)")
     p.add_argument("--max-error-fraction", type=float, default=DEFAULTS["max_error_fraction"],
                    help="exit 3 (summary written) when more than this fraction of the run's rows are errors")
+    p.add_argument("--shared-filesystem", action="store_true",
+                   help="a local --output path is shared storage mounted on every node (else refused on a cluster of several nodes)")
     p.add_argument("--s3-endpoint", default=DEFAULTS["s3_endpoint"], help="endpoint of an S3-compatible store (sets AWS_ENDPOINT_URL)")
     p.add_argument("--min-rows-for-error-fraction", type=int, default=DEFAULTS["min_rows_for_error_fraction"],
                    help="judge --max-error-fraction while the job runs once this many rows are done, and stop it early (exit 3) "
@@ -178,7 +180,7 @@ def main(argv=None) -> int:
     print(json.dumps(summary, indent=2))
     if summary["to_score"] == 0:
         print(f"nothing to do: all {summary['already_scored']} rows of the manifest are already in {redact(args.output)}")
-    print(f"score table: {redact(args.output)} ({summary['table_rows']} rows; summary in {redact(join_uri(args.output, SUMMARY_FILE))})")
+    print(f"score table: {summary['output']} ({summary['table_rows']} rows; summary in {join_uri(summary['output'], SUMMARY_FILE)})")
     if summary.get("ok"):
         show_extremes(args.output, summary["model_id"])
     if stopped:

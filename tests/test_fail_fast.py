@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import SAMPLE, read_table, sample_rows
+from helpers import SAMPLE, read_table
 from jobs import score
 from ma_agiqa.errors import ImageError
 from ma_agiqa.fetch import Fetcher

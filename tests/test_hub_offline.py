@@ -2,7 +2,6 @@
 and exit 2 before Ray starts; the driver reads a remote checkpoint's config and weights header, not its
 weights; a local MLLM folder is named by its content."""
 import hashlib
-import json
 import os
 import shutil
 import socket

@@ -106,6 +106,7 @@ def test_ray_job_submit_to_a_head_node(tmp_path):
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port), "--include-dashboard", "true",
+         "--dashboard-agent-listen-port", str(_free_port()),  # the default 52365 may be another cluster's here
          "--disable-usage-stats"],
         env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

@@ -77,7 +77,8 @@ def _given(value, default):
 
 
 def fits(bundles: list[dict], nodes: list[dict]) -> bool:
-    """Whether the bundles can all be placed on the nodes' total resources (first fit, largest first)."""
+    """Whether the bundles can all be placed on the nodes' resources (first fit, largest first); given what
+    each node has free, whether the cluster can give them now."""
     free = [dict(n) for n in nodes]
     for b in sorted(bundles, key=lambda b: (b.get("GPU", 0), b.get("CPU", 0)), reverse=True):
         node = next((n for n in free if all(n.get(k, 0) + 1e-9 >= v for k, v in b.items())), None)
@@ -88,37 +89,114 @@ def fits(bundles: list[dict], nodes: list[dict]) -> bool:
     return True
 
 
+def free_resources() -> tuple[list[dict], list[dict]]:
+    """(what each alive node has free now, what it has in all): on a shared cluster other jobs hold part of
+    the totals, and a layout sized against totals would wait inside Ray Data with nothing said."""
+    from ray._private.state import available_resources_per_node, total_resources_per_node
+
+    total = total_resources_per_node()
+    free = available_resources_per_node()
+    return [free.get(node, {}) for node in total], list(total.values())
+
+
+def describe_wait(layout: Layout, free: list[dict], total: list[dict]) -> str:
+    """What the job waits for: its actors, what the cluster has free and what other jobs hold."""
+    def sums(nodes):
+        return {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
+
+    have, cap = sums(free), sums(total)
+    need = sums(layout.bundles())
+    return (f"need {layout.actors} model actors x ({layout.cpus:g} CPU, {layout.gpus:g} GPU) and 1 CPU for decoding "
+            f"({need['CPU']:g} CPUs, {need['GPU']:g} GPUs, each actor on one node); free now {have['CPU']:g} CPUs and "
+            f"{have['GPU']:g} GPUs on {len(total)} nodes; other jobs hold {cap['CPU'] - have['CPU']:g} CPUs and "
+            f"{cap['GPU'] - have['GPU']:g} GPUs")
+
+
+REASSERT_S = 2.0  # how often a waiting job repeats its autoscaler request
+_asked = False  # this process made an autoscaler request that is not cleared yet
+
+
+def ask_cluster(bundles: list[dict]) -> None:
+    """Asks the autoscaler for ``bundles`` (request_resources: one standing request per cluster, replaced by
+    the next call). Ray Data's autoscaling coordinator, a detached actor left by any earlier Ray Data job,
+    rewrites that request every 20 s (to [] when it has none), so a waiting job repeats its own."""
+    global _asked
+    from ray.autoscaler.sdk import request_resources
+
+    _asked = True
+    request_resources(bundles=bundles)
+
+
+def release_cluster() -> None:
+    """Clears this process's autoscaler request, if it made one: on a cluster that scales from zero a standing
+    request keeps its nodes up, and billed, after the job. Called when the wait ends, however it ends, and
+    again when the job ends."""
+    global _asked
+    if not _asked:
+        return
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    if ray.is_initialized():
+        request_resources(bundles=[])
+    _asked = False
+
+
+def standing_request() -> list[dict]:
+    """The bundles the cluster's autoscaler is asked for now by request_resources (for tests and for anyone
+    checking that a job left nothing behind)."""
+    import json
+
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    if is_autoscaler_v2():
+        from ray._private.worker import global_worker
+        from ray.autoscaler.v2.sdk import get_cluster_resource_state
+
+        state = get_cluster_resource_state(global_worker.gcs_client)
+        return [dict(r.request.resources_bundle) for c in state.cluster_resource_constraints
+                for r in c.resource_requests for _ in range(r.count)]
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return json.loads(raw) if raw else []
+
+
 def wait_for_cluster(layout: Layout, local: bool, timeout_s: float) -> None:
-    """A local Ray is what it is: a layout it cannot hold is the user's error. A cluster may scale up: ask
-    its autoscaler for the layout's bundles (ray.autoscaler.sdk.request_resources) and wait for the nodes,
-    saying what is missing, until ``timeout_s``."""
+    """Waits until the cluster can give the layout now (each bundle on one node's free resources), saying what
+    is missing every 15 s, until ``timeout_s``. A local Ray is what it is: a layout its totals cannot hold is
+    the user's error, at once (what it holds now, an earlier run's actors, it releases). A cluster may scale up
+    or other jobs may finish: ask its autoscaler for the layout's bundles (request_resources, repeated while
+    waiting) and clear the request when the wait ends, however it ends."""
     import ray
 
-    def nodes():
-        return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-
     bundles = layout.bundles()
-    if fits(bundles, nodes()):
+    free, total = free_resources()
+    if fits(bundles, free):
         return
-    need = {k: sum(b.get(k, 0) for b in bundles) for k in ("CPU", "GPU")}
-    if local:
+    if local and not fits(bundles, total):
         raise JobConfigError(
             f"{layout.actors} model actors x ({layout.cpus:g} CPU, {layout.gpus:g} GPU) and one CPU for decoding do not "
             f"fit this machine's Ray ({ray.cluster_resources()}): lower --cpus-per-actor, --gpus-per-actor or the actor counts")
-    from ray.autoscaler.sdk import request_resources
-
-    request_resources(bundles=bundles)
-    started, said = time.time(), 0.0
-    while not fits(bundles, nodes()):
-        waited = time.time() - started
-        if waited > timeout_s:
-            raise JobConfigError(f"the cluster did not provide {need['CPU']:g} CPUs and {need['GPU']:g} GPUs for "
-                                 f"{layout.actors} model actors within {timeout_s:g} s (--wait-for-cluster)")
-        if waited - said >= 15 or said == 0:
-            have = ray.cluster_resources()
-            log.info(f"waiting for the cluster to scale up: need {need['CPU']:g} CPUs and {need['GPU']:g} GPUs for "
-                     f"{layout.actors} model actors, have {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs "
-                     f"({waited:.0f} s)")
-            said = waited or 0.001
-        time.sleep(2)
+    started, said, asked = time.time(), None, None
+    try:
+        while True:
+            now = time.time()
+            waited = now - started
+            if fits(bundles, free):
+                break
+            if waited > timeout_s:
+                raise JobConfigError(f"the cluster did not give the job its actors within {timeout_s:g} s "
+                                     f"(--wait-for-cluster): {describe_wait(layout, free, total)}")
+            if not local and (asked is None or now - asked >= REASSERT_S):
+                ask_cluster(bundles)
+                asked = now
+            if said is None or waited - said >= 15:
+                log.info(f"waiting for the cluster ({waited:.0f} s): {describe_wait(layout, free, total)}")
+                said = waited
+            time.sleep(1)
+            free, total = free_resources()
+    finally:
+        release_cluster()
     log.info(f"the cluster holds the job's actors after {time.time() - started:.0f} s")

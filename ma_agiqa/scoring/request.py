@@ -55,6 +55,7 @@ class ScoreRequest:
     image_column: str | None = None  # Parquet input whose column holds the image bytes
     id_column: str | None = None  # with image_column: the column of ids (else a digest of the bytes)
     prompt_from: str = "sidecar"  # or "metadata": a folder's prompts from PNG text chunks, then sidecars
+    shared_filesystem: bool = False  # a local --output is the same storage on every node of the cluster
 
     def check(self) -> None:
         """Raises JobConfigError on values no run can use; zero is taken as zero wherever it can run."""

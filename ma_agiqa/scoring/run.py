@@ -2,48 +2,71 @@
 
 plan_request (request checked -> model resolved -> input planned -> columns checked -> untrained heads
 refused -> JobSpec) -> Ray -> layout (and the cluster asked for it) -> rows to score (resume) -> Ray Data: decode, model stages,
-parts -> summary (OUTPUT/_summary.json)
+parts -> summary (OUTPUT/_summary.json, OUTPUT/_runs/RUN_ID.json)
 
 Everything before Ray reads files only (no torch, no model): a run that cannot go ahead stops there with a
 JobConfigError or a ManifestError.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import socket
+import threading
 import time
+import uuid
+from dataclasses import replace
 from datetime import datetime, timezone
 
+from ..errors import JobConfigError
 
 from ..score_table import resume_plan
 from ..table_files import count_rows, list_parts, write_json
-from ..uris import join_uri, redact
-from .layout import Layout, plan_layout, wait_for_cluster
+from ..uris import is_remote, join_uri, local_path, redact
+from .layout import Layout, plan_layout, release_cluster, wait_for_cluster
 from .monitor import min_rows_for_error_fraction, quiet_ray_data_errors, start_monitor
 from .plan import Manifest, driver_rows, plan_request
 from .request import ScoreRequest
 from .steps import FetchDecode, JobSpec, ReadInputFiles, ScoreImages, ScoreRows, SemanticFeatures, WriteParts, summarise
 
-SUMMARY_FILE = "_summary.json"
+SUMMARY_FILE = "_summary.json"  # the latest run's summary
+RUNS_DIR = "_runs"  # each run's own summary, RUN_ID.json
+log = logging.getLogger("ma_agiqa.scoring")
 ROWS_PER_BLOCK = 4096  # at most, per Ray block: per-block costs stay small next to the rows' own work
 
 
 def score(request: ScoreRequest) -> dict:
     """Scores the request's input into its output table and returns the run's summary (also written to
-    OUTPUT/_summary.json). Rows already in the table for this model are not scored again; ``failed`` in the
-    summary says whether the errors went over ``max_error_fraction``. Raises JobConfigError or
-    ManifestError, before Ray starts, for a request that cannot run."""
+    OUTPUT/_summary.json and OUTPUT/_runs/RUN_ID.json). Rows already in the table for this model are not
+    scored again; ``failed`` in the summary says whether the errors went over ``max_error_fraction``. Raises
+    JobConfigError or ManifestError, before Ray starts, for a request that cannot run. However it ends, it
+    leaves no autoscaler request of its own on the cluster (SIGTERM, as `ray job stop` sends, included)."""
     if request.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = request.s3_endpoint
+    request = replace(request, output=table_location(request.output))
     model, manifest, spec = plan_request(request)
+    run = {"run_id": new_run_id(), "host": socket.gethostname(), "started_at": _now()}
+    init_ray(request.address, request.s3_endpoint)
+    with _terminate_as_interrupt():  # after ray.init, which sets a SIGTERM handler of its own (sys.exit(15))
+        try:
+            return _score_on_ray(request, model, manifest, spec, run)
+        finally:
+            release_cluster()
 
+
+def _score_on_ray(request: ScoreRequest, model, manifest: Manifest, spec: JobSpec, run: dict) -> dict:
     import ray
 
-    init_ray(request.address, request.s3_endpoint)
     started = time.time()  # the summary's images/s count from here: Ray up
+    on_cluster = bool(request.address or os.environ.get("RAY_ADDRESS"))
     layout = plan_layout(request, bool(spec.semantic_prompts), ray.cluster_resources())
-    wait_for_cluster(layout, local=not (request.address or os.environ.get("RAY_ADDRESS")), timeout_s=request.wait_for_cluster)
+    ignored = ignored_options(request, layout, bool(spec.semantic_prompts))
+    check_single_node(request, on_cluster)  # before waiting for nodes, and again with the nodes that joined
+    wait_for_cluster(layout, local=not on_cluster, timeout_s=request.wait_for_cluster)
+    check_single_node(request, on_cluster)
 
     # What this run's rows will say in their model column, needed only to resume: a first run leaves it to
     # the rows it writes (working it out hashes the weights).
@@ -54,10 +77,11 @@ def score(request: ScoreRequest) -> dict:
         manifest.score &= ~done
     todo, n_todo, block = rows_to_score(manifest, spec, request.batch_size, layout.actors)
     summary = {
+        **run,
         "model_stages": "fused" if layout.fused else "separate",
         "decode": "in the model actors" if layout.decode_in_actors else "tasks",
         "semantic_actors": layout.semantic_actors, "quality_actors": layout.quality_actors, "gpus_per_actor": layout.gpus,
-        "threads_per_actor": layout.threads, "cpus_per_actor": layout.cpus,
+        "threads_per_actor": layout.threads, "cpus_per_actor": layout.cpus, "ignored_options": ignored,
         "manifest": redact(request.manifest), "output": redact(request.output), "model": request.model, "model_id": scorer,
         "manifest_rows": manifest.rows, "repeated_ids": manifest.repeated,
         "already_scored": manifest.rows - manifest.repeated - n_todo, "retried": retried, "to_score": n_todo,
@@ -73,13 +97,90 @@ def score(request: ScoreRequest) -> dict:
         table_rows=count_rows(request.output),  # counted now, from the parts' footers
         elapsed_s=round(elapsed, 2),
         images_per_s=round(summary["rows"] / elapsed, 2) if summary["rows"] else 0.0,
-        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        finished_at=_now(),
     )
     summary["error_fraction"] = round(summary["errors"] / summary["rows"], 4) if summary["rows"] else 0.0
     summary["max_error_fraction"] = request.max_error_fraction
     summary["failed"] = summary["error_fraction"] > request.max_error_fraction or summary["stopped_early"] is not None
-    write_json(json.dumps(summary, indent=2) + "\n", join_uri(request.output, SUMMARY_FILE))
+    write_summary(summary, request.output)
     return summary
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id() -> str:
+    """A run's id: when it started (sorts in time) and a random suffix (two runs in the same second)."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+def write_summary(summary: dict, output: str) -> None:
+    """The run's own summary (OUTPUT/_runs/RUN_ID.json), which no other run overwrites, then the latest one
+    (OUTPUT/_summary.json: the last run to finish; its run_id, host and times say which run that was)."""
+    text = json.dumps(summary, indent=2) + "\n"
+    write_json(text, join_uri(join_uri(output, RUNS_DIR), summary["run_id"] + ".json"))
+    write_json(text, join_uri(output, SUMMARY_FILE))
+
+
+def table_location(output: str) -> str:
+    """Where the table really is: a URI as given, a local path made absolute (the driver's working directory
+    is not the workers'). A local path inside the temporary working directory `ray job submit --working-dir`
+    made for this job (under Ray's session directory, deleted with it) is refused."""
+    if is_remote(output):
+        return output
+    path = os.path.abspath(local_path(output))
+    parts = path.split(os.sep)
+    if "runtime_resources" in parts and any(p.startswith("working_dir_files") for p in parts):
+        raise JobConfigError(
+            f"--output {output} would be written to {path}, inside the temporary copy of the working directory "
+            f"Ray made for this job, which Ray deletes: give an object store URI (s3://...) or an absolute path")
+    return path
+
+
+def check_single_node(request: ScoreRequest, on_cluster: bool) -> None:
+    """A local --output on a cluster of several nodes would be written to the disks of whichever nodes ran the
+    write tasks (and the summary to the driver's): refused unless --shared-filesystem says the path is the
+    same storage on every node."""
+    if not on_cluster or is_remote(request.output) or request.shared_filesystem:
+        return
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise JobConfigError(
+            f"--output {request.output} is a local path on a cluster of {len(nodes)} nodes: each node would write "
+            f"its parts to its own disk. Give an object store URI (s3://...), or --shared-filesystem if the path "
+            f"is shared storage mounted on every node")
+
+
+def ignored_options(request: ScoreRequest, layout: Layout, has_semantic: bool) -> list[str]:
+    """Options given that the chosen layout does not use, each logged as a warning (and listed in the summary)."""
+    ignored = []
+    if request.semantic_actors is not None and layout.semantic_actors == 0:
+        why = "the model stages are fused (--fuse)" if layout.fused else "the model has no MLLM branch"
+        ignored.append(f"--semantic-actors {request.semantic_actors}: {why}")
+    for line in ignored:
+        log.warning(f"warning: ignored {line}")
+    return ignored
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (`ray job stop`, Kubernetes deleting the pod) raises KeyboardInterrupt while the run is on Ray,
+    as Ctrl-C does, so that its clean-up runs before Ray's SIGKILL follows (3 s later under `ray job stop`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def init_ray(address: str | None, s3_endpoint: str | None = None):
