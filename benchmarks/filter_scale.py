@@ -113,7 +113,12 @@ def main():
     p.add_argument("--rows", type=int, default=5_000_000)
     p.add_argument("--workdir", default="/tmp/filter-scale")
     p.add_argument("--memory-limit", default="1GB", help="the low limit of the out-of-core run")
+    p.add_argument("--smoke", action="store_true", help="the same runs on 20,000 rows in a temporary folder (seconds)")
     args = p.parse_args()
+    if args.smoke:
+        import tempfile
+
+        args.rows, args.workdir = 20_000, tempfile.mkdtemp(prefix="filter-scale-smoke-")
     root = Path(args.workdir)
     t0 = time.perf_counter()
     scores, meta = synth(args.rows, root)

@@ -354,6 +354,7 @@ def main(argv=None):
     shutil.rmtree(work, ignore_errors=True)
     print(run.out / "results.md")
     print((run.out / "results.md").read_text())
+    print(json.dumps(run.data, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -299,7 +299,14 @@ def main():
     p.add_argument("--images", type=int, default=4, help="sample images scored through the job")
     p.add_argument("--min-free-gb", type=float, default=6.0, help="stop when available memory falls below this")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint (else deleted at the end)")
+    p.add_argument("--smoke", action="store_true",
+                   help="the same steps on 2 layers at the real widths, a small image side, 2 images (CI: the script still runs)")
     args = p.parse_args()
+    if args.smoke:
+        args.images = min(args.images, 2)
+        args.work = args.work.with_name(args.work.name + "-smoke")
+    small = {"layers": 2, "image_side": 112} if args.smoke else {}
+    small_processor = {"max_pixels": 112 * 112, "image_side": 112} if args.smoke else {}
     import shutil
 
     import torch
@@ -313,15 +320,15 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ckpt = work / "ckpt"
-    report = {"config": args.config, "registered": FAMILIES[args.config][1], "stored_config": f"tests/data/mllm/{FAMILIES[args.config][0]}",
+    report = {"config": args.config, "smoke": args.smoke, "registered": FAMILIES[args.config][1], "stored_config": f"tests/data/mllm/{FAMILIES[args.config][0]}",
               "command": " ".join(["python", "benchmarks/real_size.py", *sys.argv[1:]]), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "memory_available_gb_at_start": round(available_bytes() / GB, 1)}
 
     with MemoryWatch(min_free=min_free, on_low=_abort_low_memory) as watch:
         t = time.perf_counter()
-        model = build_mllm(stored_config(args.config))
+        model = build_mllm(stored_config(args.config, **small))
         build_s = time.perf_counter() - t
-        processor = build_processor(args.config)
+        processor = build_processor(args.config, **small_processor)
         report["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
         report["build"] = {"seconds": round(build_s, 1), "dtype": str(next(model.parameters()).dtype)}
         t = time.perf_counter()
