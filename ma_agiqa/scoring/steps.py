@@ -286,7 +286,7 @@ class ScoreRows:
             torch.set_num_threads(threads)
         self.spec = spec
         self.device = _device(num_gpus)
-        self.model = create_model(spec.model, device=self.device, with_semantic=False)
+        self.model = create_model(spec.model, device=self.device, with_semantic=False).optimise_for_inference()
         self.schema = spec.output_schema()
         self.model_id = self.model.model_id  # once: working it out hashes the weights
         self.views_shape = (-1, 3, spec.views.size, spec.views.size)
