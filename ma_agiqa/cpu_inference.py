@@ -1,8 +1,10 @@
-"""A faster CPU inference form of a model's frozen CNN backbone, with the same weights and scores.
+"""A faster CPU inference form of a model's CNN backbone, with the same weights and scores.
 
-Training and checkpoints keep the eager modules; this rewrites only a model that scores on CPU:
-BatchNorm folded into the convolution before it (in eval mode a fixed affine map per channel) and the
-channels-last layout that oneDNN's convolutions run fastest in, so that no layout reorders happen between layers.
+Training and checkpoints keep the eager modules; this rewrites only a model that scores on CPU (in eager
+PyTorch: no compilation at an actor's start, any batch size): each BatchNorm folded into the convolution before
+it (in eval mode a fixed affine map per channel), the activation after it run as a post-op of the same oneDNN
+call, and the channels-last layout that oneDNN's convolutions run fastest in, so that no layout reorders happen
+between layers. Measured in benchmarks/offline_cpu.py.
 """
 from __future__ import annotations
 
@@ -81,7 +83,8 @@ class ConvAct(nn.Module):
 
     @classmethod
     def supports(cls, conv: nn.Module, act: nn.Module) -> bool:
-        return type(act) in cls._ACTS and type(conv) in (nn.Conv2d, Conv2dSame) and conv.padding_mode == "zeros"
+        return (torch.backends.mkldnn.is_available() and type(act) in cls._ACTS
+                and type(conv) in (nn.Conv2d, Conv2dSame) and conv.padding_mode == "zeros")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
