@@ -125,7 +125,7 @@ class MAAGIQA(nn.Module):
 
     def optimise_for_inference(self) -> "MAAGIQA":
         """The model as scoring runs it, in place: on CPU a CNN backbone gets its BatchNorms folded into
-        its convolutions (fused with their activations) and a channels-last layout, about twice the images/s
+        its convolutions (fused with their activations) and a channels-last layout: 1.7-2x the images/s
         at the same scores (benchmarks/offline_cpu.py). On a GPU, and for a ViT backbone, nothing changes. The
         rewritten model keeps its model_id but can no longer train or be saved."""
         from .backbones import CNNLevels
