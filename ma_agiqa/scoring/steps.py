@@ -346,7 +346,8 @@ class ScoreRows:
         self.spec = spec
         self.reporter = Reporter(watch, "quality")
         self.device = _device(num_gpus, self.reporter)
-        self.model = create_model(spec.model, device=self.device, with_semantic=False)
+        # On CPU an inference-only form of a CNN backbone (BatchNorm folded, activation fused): about 2x.
+        self.model = create_model(spec.model, device=self.device, with_semantic=False).optimise_for_inference()
         self.reporter.device(self.device, next(self.model.parameters()).dtype)
         self.schema = spec.output_schema()
         self.model_id = self.model.model_id  # once: working it out hashes the weights
