@@ -90,3 +90,23 @@ def test_jobs_score_runs_the_ensemble_checkpoint_unchanged(parts, local_ray, tmp
         assert by_id[n]["score"] == pytest.approx(float(s), abs=1e-4)
         assert by_id[n]["gate_quality"] == pytest.approx(float(g[0]), abs=1e-4)
         assert by_id[n]["model"] == model.model_id
+
+
+def test_jobs_ensemble_fits_the_probe_on_the_train_rows_only(parts, tmp_path):
+    from jobs import ensemble
+    from ma_agiqa.datasets import load_dataset
+
+    members = [str(parts["dir"].parent / "a"), str(parts["dir"].parent / "b")]
+    out = ensemble.run(ensemble.parse_args([*(x for m in members for x in ("--member", m)), "--probe", "--probe-alpha",
+                                            "10", "--data-root", str(SAMPLE), "--output", str(tmp_path / "e")]))
+    model = from_pretrained(tmp_path / "e")
+    assert model.cfg.ensemble.heads == out["heads"] == 2
+    df = load_dataset("agiqa3k", str(SAMPLE))
+    train = df[df["split"] == "train"].reset_index(drop=True)
+    assert out["probe_fitted_on"] == len(train) < len(df)
+    x = ensemble.pooled_stats(model, str(tmp_path / "e"), train)
+    expected = fit_ridge(x, train["mos"].to_numpy(), 10.0)
+    np.testing.assert_allclose(model.probe.weight.numpy(), expected[2], rtol=1e-4, atol=1e-5)
+    with pytest.raises(SystemExit):  # nothing left to choose the strength on
+        ensemble.parse_args(["--member", members[0], "--probe", "--data-root", str(SAMPLE), "--fit-on", "train+val",
+                             "--output", str(tmp_path / "f")])
