@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     m = iqa_metrics(score, mos)
     out = {"model": args.predictions or args.model, "part": args.split_file or args.part, "trained_on": args.trained_on,
            "n_part": n_part, "dropped_as_trained_on": n_part - len(part),
-           "srcc": round(float(m["srcc"]), 4), "plcc": round(float(m["plcc"]), 4),
+           **{k: round(float(m[k]), 4) for k in ("srcc", "plcc", "krcc", "rmse")},
            **curation_value(score, mos, part["prompt"].to_numpy())}
     print(json.dumps(out, indent=2))
     return 0
