@@ -83,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--split-by-prompt", action="store_true", help="no prompt on both sides of the split")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None,
+                   help="the training seed (order, augmentation, dropout; the heads start from the same weights): "
+                        "heads of several seeds make an ensemble (python -m jobs.ensemble)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--scheduler", choices=["cosine-iter", "cosine-epoch"], default=None,
                    help="cosine-iter: the reference's CosineAnnealingLR(T_max) stepped per iteration")
@@ -188,6 +191,7 @@ def apply_train_args(t, args):
     t.backbone_lr = args.backbone_lr or t.backbone_lr
     t.epochs = args.epochs or t.epochs
     t.lr = args.lr or t.lr
+    t.seed = t.seed if args.seed is None else args.seed
     t.batch_size = args.batch_size or t.batch_size
     t.scheduler = args.scheduler or t.scheduler
     t.t_max = args.t_max or t.t_max
