@@ -38,14 +38,13 @@ def parse_args(argv=None):
     return args
 
 
-def pooled_stats(model, model_ref: str, df):
+def pooled_stats(model, df):
     """[N, 2C] float64: what the model's forward pools each image's backbone map to (from the feature cache)."""
     import numpy as np
     import torch
 
-    from ma_agiqa.training import backbone_features
-
     from ma_agiqa.tiny import cache_dir
+    from ma_agiqa.training import backbone_features
 
     maps, _, _ = backbone_features(model, df, cache_dir() / "features")
     out = [model.quality.pooled_stats(torch.from_numpy(maps[i : i + 256]).float()).numpy() for i in range(0, len(df), 256)]
@@ -68,12 +67,12 @@ def run(args) -> dict:
             s = pd.read_csv(args.split_file, dtype={"image_id": str})[["image_id", "split"]]
             df = df.drop(columns="split").merge(s, on="image_id", how="inner")
         train = df[df["split"].isin(["train", "val"] if args.fit_on == "train+val" else ["train"])].reset_index(drop=True)
-        x, y = pooled_stats(members[0], args.member[0], train), train["mos"].to_numpy()
+        x, y = pooled_stats(members[0], train), train["mos"].to_numpy()
         if args.probe_alpha is not None:
             probe, alpha = fit_ridge(x, y, args.probe_alpha), args.probe_alpha
         else:
             val = df[df["split"] == "val"].reset_index(drop=True)
-            probe, alpha = fit_probe(x, y, pooled_stats(members[0], args.member[0], val), val["mos"].to_numpy())
+            probe, alpha = fit_probe(x, y, pooled_stats(members[0], val), val["mos"].to_numpy())
         out.update({"probe_alpha": alpha, "probe_fitted_on": len(train)})
     model = assemble(members, probe, args.probe_weight, args.name)
     model.save_pretrained(args.output)
