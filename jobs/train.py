@@ -93,6 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=_count, default=None, help="epochs to train (>= 1; default: the config's)")
     p.add_argument("--lr", type=_weight, default=None,
                    help="learning rate (>= 0; 0 trains nothing, the heads keep their initial weights)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the training seed (order, augmentation, dropout; the heads start from the same weights): "
+                        "heads of several seeds make an ensemble (python -m jobs.ensemble)")
     p.add_argument("--batch-size", type=_count, default=None)
     p.add_argument("--scheduler", choices=["cosine-iter", "cosine-epoch"], default=None,
                    help="cosine-iter: the reference's CosineAnnealingLR(T_max) stepped per iteration")
@@ -185,7 +188,7 @@ def _set_field(obj, path: list[str], value, full: str):
 
 
 # The command line's options that set a TrainConfig field of the same name.
-TRAIN_OPTIONS = ("backbone_lr", "epochs", "lr", "batch_size", "scheduler", "t_max", "warmup_epochs",
+TRAIN_OPTIONS = ("backbone_lr", "epochs", "lr", "seed", "batch_size", "scheduler", "t_max", "warmup_epochs",
                  "normalize_mos", "drop_prompt", "plcc_loss", "rank_loss", "precision")
 
 

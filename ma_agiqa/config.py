@@ -266,7 +266,26 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
-LEFT_OUT_AT_DEFAULT = {"quality": {"trainable_stages": 0}, "train": {"precision": "float32"}}
+@dataclass
+class EnsembleConfig:
+    """Several readings of the same backbone maps averaged in the forward: ``heads`` MoE heads (each with its own
+    MANIQA head, trained apart: different seeds), their MOS averaged, and with ``probe`` a ridge regression on the
+    pooled backbone statistics (each channel's mean and std over the grid), fitted apart, weighed ``probe_weight``
+    against the heads' mean. The heads share one backbone, so it must be frozen (``ma_agiqa.ensemble`` builds
+    such a checkpoint from trained ones)."""
+
+    heads: int = 1
+    probe: bool = False
+    probe_weight: float = 0.5
+
+    def __post_init__(self):
+        if self.heads < 1 or not 0.0 < self.probe_weight < 1.0:
+            raise ValueError(f"an ensemble needs heads >= 1 and 0 < probe_weight < 1, got {self.heads}, {self.probe_weight}")
+
+
+# Fields added after checkpoints shipped, left out of config data at their default (a part left empty goes).
+LEFT_OUT_AT_DEFAULT = {"quality": {"trainable_stages": 0}, "train": {"precision": "float32"},
+                       "ensemble": {"heads": 1, "probe": False, "probe_weight": 0.5}}
 
 
 @dataclass
@@ -280,8 +299,11 @@ class ModelConfig:
     # MOS normalisation learnt in training: the head predicts (mos - mos_mean) / mos_std.
     mos_mean: float = 0.0
     mos_std: float = 1.0
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     def __post_init__(self):
+        if self.ensemble.heads > 1 and not (self.quality.freeze_backbone and not self.quality.trainable_stages):
+            raise ValueError(f"{self.name}: ensemble heads share one backbone, which must be frozen (no trainable_stages)")
         sources = {e.source for e in self.moe.experts}
         if "semantic" in sources:
             if self.semantic is None:
@@ -313,6 +335,8 @@ class ModelConfig:
             for name, default in fields.items():
                 if d[part].get(name, default) == default:
                     d[part].pop(name, None)
+            if not d[part]:
+                d.pop(part)
         return d
 
     @classmethod
@@ -332,6 +356,7 @@ class ModelConfig:
             train=TrainConfig(**{"drop_prompt": 0.0, **d.get("train", {})}),
             mos_mean=d.get("mos_mean", 0.0),
             mos_std=d.get("mos_std", 1.0),
+            ensemble=EnsembleConfig(**d.get("ensemble", {})),
         )
 
 

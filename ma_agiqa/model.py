@@ -34,6 +34,7 @@ from .checkpoint import (
     load_config,
 )
 from .config import ModelConfig
+from .ensemble import Member, Probe
 from .preprocess import quality_views
 from .maniqa import MANIQA
 from .moe import MoEHead
@@ -64,6 +65,9 @@ class MAAGIQA(nn.Module):
                         raise ValueError(f"expert {expert.name} was built {expert.dim} wide; this backbone gives {width}")
                     expert.dim = width
             self.moe = MoEHead(cfg.moe)
+            # an ensemble's other heads and its probe (none for a single head: no new tensors, the same ids)
+            self.heads = nn.ModuleList(Member(cfg, self.quality.backbone) for _ in range(cfg.ensemble.heads - 1))
+            self.probe = Probe(2 * self.quality.backbone.out_channels) if cfg.ensemble.probe else None
         self.semantic = semantic
         self.prompt_encoder = prompt_encoder
         self.inference_only = False  # set by optimise_for_inference
@@ -101,29 +105,35 @@ class MAAGIQA(nn.Module):
         -> (MOS [B] float32, gates [B, E] in ``cfg.expert_names`` order)."""
         features = dict(semantic or {})
         stats = [e.name for e in self.cfg.moe.experts if e.source == "stats"]
+        heads = [(self.quality, self.moe), *((m.quality, m.moe) for m in self.heads)]
         if backbone_cut is not None:
             backbone_features = self.quality.backbone.finish(backbone_features, backbone_cut)
-        if backbone_features is not None:
-            features["quality"] = self.quality.head(backbone_features)
-            features.update({name: self.quality.pooled_stats(backbone_features) for name in stats})
-        elif stats:  # each view's map once, for both experts; the mean over the views
+        b = (backbone_features if backbone_features is not None else views).shape[0]
+        maps, pool = backbone_features, (lambda x: x)
+        if maps is None and (stats or self.probe is not None or len(heads) > 1):  # each view's map once, for all
             views = views.unsqueeze(1) if views.dim() == 4 else views
-            b, v = views.shape[:2]
-            maps = self.quality.features(views.flatten(0, 1))
-            features["quality"] = self.quality.head(maps).view(b, v, -1).mean(1)
-            features.update({name: self.quality.pooled_stats(maps).view(b, v, -1).mean(1) for name in stats})
-        else:
-            features["quality"] = self.quality(views)
+            v = views.shape[1]
+            maps, pool = self.quality.features(views.flatten(0, 1)), (lambda x: x.view(b, v, -1).mean(1))
+        pooled = pool(self.quality.pooled_stats(maps)) if stats or self.probe is not None else None
+        features.update({name: pooled for name in stats})
         present = None
         if any(e.source == "prompt" for e in self.cfg.moe.experts):
-            b = features["quality"].shape[0]
             if prompt_embedding is None:
-                prompt_embedding = features["quality"].new_zeros(b, self.cfg.prompt.dim)
+                prompt_embedding = self.moe.regress.weight.new_zeros(b, self.cfg.prompt.dim)
                 prompt_present = torch.zeros(b, dtype=torch.bool, device=prompt_embedding.device)
             features["prompt"] = prompt_embedding
             present = {"prompt": prompt_present}
-        score, gates = self.moe(features, present)
-        return score * self.cfg.mos_std + self.cfg.mos_mean, gates
+        scores, gates = [], []
+        for quality, moe in heads:  # the mean of the heads' MOS and of their gates
+            features["quality"] = pool(quality.head(maps)) if maps is not None else quality(views)
+            score, gate = moe(features, present)
+            scores.append(score)
+            gates.append(gate)
+        score = torch.stack(scores).mean(0) * self.cfg.mos_std + self.cfg.mos_mean
+        if self.probe is not None:  # no gate of its own: the gates are the heads'
+            w = self.cfg.ensemble.probe_weight
+            score = (1 - w) * score + w * self.probe(pooled)
+        return score, torch.stack(gates).mean(0)
 
     def optimise_for_inference(self) -> "MAAGIQA":
         """The model as scoring runs it, in place: on CPU a CNN backbone gets its BatchNorms folded into
@@ -169,6 +179,9 @@ class MAAGIQA(nn.Module):
         self._refuse_if_inference_only("give a checkpoint's weights")
         sd = {f"quality.{k}": v for k, v in self.quality.state_dict().items()}
         sd.update({f"moe.{k}": v for k, v in self.moe.state_dict().items()})
+        sd.update({f"heads.{k}": v for k, v in self.heads.state_dict().items()})
+        if self.probe is not None:
+            sd.update({f"probe.{k}": v for k, v in self.probe.state_dict().items()})
         if backbone_from_source(self.cfg):
             trained = {f"quality.backbone.{k}" for k in self._trained_backbone_keys()}
             sd = {k: v for k, v in sd.items() if not k.startswith("quality.backbone.") or k in trained}

@@ -1,0 +1,89 @@
+"""Assemble one ensemble checkpoint from trained single-head ones: their heads averaged and, with --probe, a
+ridge probe on the pooled backbone statistics fitted here (seconds, on the cached backbone maps).
+
+    python -m jobs.ensemble --member CKPT [--member CKPT ...] [--probe] --data-root DIR --output DIR
+        [--split-file CSV] [--fit-on train|train+val] [--probe-alpha A] [--probe-weight W]
+
+Members: checkpoint directories (jobs.train runs of the same config, seeds apart) or registered names with
+shipped weights. The probe is fitted on the train rows of the label file's split column (or --split-file's,
+e.g. the first member's split.csv), its ridge strength chosen on the val rows by SRCC + PLCC; --fit-on
+train+val fits it on both, with the strength fixed by --probe-alpha (from a split run: nothing is left to
+choose it on). The result loads with from_pretrained and scores with jobs.score --model DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jobs.ensemble", description=__doc__.split("\n")[0])
+    p.add_argument("--member", action="append", required=True, help="a trained checkpoint (repeat for K heads)")
+    p.add_argument("--probe", action="store_true", help="fit and add the ridge probe")
+    p.add_argument("--dataset", default="agiqa3k", choices=["agiqa3k", "agiqa1k", "aigciqa2023", "aigiqa20k"])
+    p.add_argument("--data-root", default=None, help="the labelled dataset the probe is fitted on")
+    p.add_argument("--labels", default=None)
+    p.add_argument("--split-file", default=None, help="CSV with image_id,split instead of the label file's split")
+    p.add_argument("--fit-on", choices=["train", "train+val"], default="train")
+    p.add_argument("--probe-alpha", type=float, default=None, help="the ridge strength (required with --fit-on train+val)")
+    p.add_argument("--probe-weight", type=float, default=0.5, help="the probe's weight against the heads' mean")
+    p.add_argument("--name", default=None, help="the config name (default: the first member's)")
+    p.add_argument("--output", required=True)
+    args = p.parse_args(argv)
+    if args.probe and args.data_root is None:
+        p.error("--probe needs --data-root (the labelled images it is fitted on)")
+    if args.probe and args.fit_on == "train+val" and args.probe_alpha is None:
+        p.error("--fit-on train+val leaves nothing to choose the ridge strength on: give --probe-alpha")
+    return args
+
+
+def pooled_stats(model, df):
+    """[N, 2C] float64: what the model's forward pools each image's backbone map to (from the feature cache)."""
+    import numpy as np
+    import torch
+
+    from ma_agiqa.tiny import cache_dir
+    from ma_agiqa.training import backbone_features
+
+    maps, _, _ = backbone_features(model, df, cache_dir() / "features")
+    out = [model.quality.pooled_stats(torch.from_numpy(maps[i : i + 256]).float()).numpy() for i in range(0, len(df), 256)]
+    return np.concatenate(out).astype(np.float64)
+
+
+def run(args) -> dict:
+    import pandas as pd
+
+    from ma_agiqa import create_model
+    from ma_agiqa.datasets import load_dataset
+    from ma_agiqa.ensemble import assemble, fit_probe, fit_ridge
+
+    members = [create_model(m, with_semantic=False) for m in args.member]
+    out = {"members": [m.model_id for m in members]}
+    probe = None
+    if args.probe:
+        df = load_dataset(args.dataset, args.data_root, args.labels)
+        if args.split_file:
+            s = pd.read_csv(args.split_file, dtype={"image_id": str})[["image_id", "split"]]
+            df = df.drop(columns="split").merge(s, on="image_id", how="inner")
+        train = df[df["split"].isin(["train", "val"] if args.fit_on == "train+val" else ["train"])].reset_index(drop=True)
+        x, y = pooled_stats(members[0], train), train["mos"].to_numpy()
+        if args.probe_alpha is not None:
+            probe, alpha = fit_ridge(x, y, args.probe_alpha), args.probe_alpha
+        else:
+            val = df[df["split"] == "val"].reset_index(drop=True)
+            probe, alpha = fit_probe(x, y, pooled_stats(members[0], val), val["mos"].to_numpy())
+        out.update({"probe_alpha": alpha, "probe_fitted_on": len(train)})
+    model = assemble(members, probe, args.probe_weight, args.name)
+    model.save_pretrained(args.output)
+    out.update({"output": args.output, "model": model.model_id, "heads": len(members)})
+    return out
+
+
+def main(argv=None) -> int:
+    print(json.dumps(run(parse_args(argv)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""An ensemble inside one checkpoint (``EnsembleConfig``): two heads of different weights and a ridge probe,
+saved, loaded through ``from_pretrained`` and scored through jobs.score, give the mean of their parts computed
+apart; a single-head config's data and id are what they were."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import SAMPLE, read_table
+from ma_agiqa import create_model
+from ma_agiqa.config import EnsembleConfig
+from ma_agiqa.ensemble import assemble, fit_ridge
+from ma_agiqa.model import from_pretrained
+
+
+def small_model():
+    """ma-agiqa-offline-quality's layout on a random, frozen EfficientNet-Lite0 at 64 px: seconds on a CPU."""
+    from ma_agiqa import get_config
+
+    q = get_config("ma-agiqa-offline-quality").quality
+    q = dataclasses.replace(q, backbone="tf_efficientnet_lite0", pretrained=None, views=dataclasses.replace(q.views, size=64))
+    return create_model("ma-agiqa-offline-quality", with_semantic=False, shipped=False, quality=q)
+
+
+def perturbed(model, seed: int):
+    """Another 'seed': the heads' weights moved, the shared backbone not."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in [*model.quality.named_parameters(), *(("moe." + n, p) for n, p in model.moe.named_parameters())]:
+            if not name.startswith("backbone."):
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, agiqa_images):
+    """Two single-head checkpoints, a probe fitted on their pooled statistics, and the assembled ensemble."""
+    root = tmp_path_factory.mktemp("ensemble")
+    a, b = perturbed(small_model(), 1), perturbed(small_model(), 2)
+    a.save_pretrained(root / "a")
+    b.save_pretrained(root / "b")
+    a, b = from_pretrained(root / "a"), from_pretrained(root / "b")
+    views = torch.stack([a.preprocess(im) for im in agiqa_images])
+    with torch.no_grad():
+        stats = a.quality.pooled_stats(a.quality.features(views.flatten(0, 1))).numpy()
+    probe = fit_ridge(stats, np.linspace(1, 4, len(stats)), 10.0)
+    assemble([a, b], probe).save_pretrained(root / "ensemble")
+    return {"a": a, "b": b, "probe": probe, "views": views, "stats": stats, "dir": root / "ensemble"}
+
+
+def test_the_ensemble_scores_the_mean_of_its_parts_and_gates_their_mean(parts):
+    model = from_pretrained(parts["dir"])
+    assert (model.cfg.ensemble.heads, model.cfg.ensemble.probe) == (2, True)
+    with torch.no_grad():
+        (sa, ga), (sb, gb), (s, g) = (m(parts["views"]) for m in (parts["a"], parts["b"], model))
+    mean, scale, weight, bias = parts["probe"]
+    probe = ((parts["stats"] - mean) / scale) @ weight + bias  # the ridge in numpy, apart from the model
+    assert not np.allclose(sa.numpy(), sb.numpy(), atol=1e-3)  # two different heads, not one counted twice
+    np.testing.assert_allclose(s.numpy(), 0.5 * (sa + sb).numpy() / 2 + 0.5 * probe, atol=1e-4)
+    np.testing.assert_allclose(g.numpy(), ((ga + gb) / 2).numpy(), atol=1e-6)
+    assert model.trained and model.model_id == from_pretrained(parts["dir"]).model_id != parts["a"].model_id
+
+
+def test_single_head_configs_keep_their_data_and_an_ensemble_needs_a_frozen_backbone(parts):
+    single = json.loads((parts["dir"].parent / "a" / "config.json").read_text())
+    assert "ensemble" not in single  # left out at its default: the ids of existing checkpoints stay
+    assert json.loads((parts["dir"] / "config.json").read_text())["ensemble"]["heads"] == 2
+    from ma_agiqa import get_config
+
+    cfg = get_config("tiny-random")  # its ViT backbone trains
+    with pytest.raises(ValueError, match="frozen"):
+        type(cfg)(name="x", quality=cfg.quality, moe=cfg.moe, semantic=cfg.semantic, ensemble=EnsembleConfig(heads=2))
+
+
+def test_jobs_score_runs_the_ensemble_checkpoint_unchanged(parts, local_ray, tmp_path):
+    from jobs import score
+    from ma_agiqa.images import decode_image
+
+    out = str(tmp_path / "scores")
+    summary = score.run(score.parse_args(["--model", str(parts["dir"]), "--manifest", str(SAMPLE / "manifest.jsonl"),
+                                          "--image-root", str(SAMPLE), "--output", out, "--batch-size", "8"]))
+    assert summary["ok"] == summary["rows"] > 0
+    by_id = {r["image_id"]: r for r in read_table(out).to_pylist()}
+    model = from_pretrained(parts["dir"])
+    names = ["AttnGAN_normal_001", "sd1.5_normal_001"]
+    expected = model.score_images([decode_image((SAMPLE / "images" / f"{n}.jpg").read_bytes()) for n in names])
+    for n, s, g in zip(names, expected["score"], expected["gates"]):
+        assert by_id[n]["score"] == pytest.approx(float(s), abs=1e-4)
+        assert by_id[n]["gate_quality"] == pytest.approx(float(g[0]), abs=1e-4)
+        assert by_id[n]["model"] == model.model_id
+
+
+def test_jobs_ensemble_fits_the_probe_on_the_train_rows_only(parts, tmp_path):
+    from jobs import ensemble
+    from ma_agiqa.datasets import load_dataset
+
+    members = [str(parts["dir"].parent / "a"), str(parts["dir"].parent / "b")]
+    out = ensemble.run(ensemble.parse_args([*(x for m in members for x in ("--member", m)), "--probe", "--probe-alpha",
+                                            "10", "--data-root", str(SAMPLE), "--output", str(tmp_path / "e")]))
+    model = from_pretrained(tmp_path / "e")
+    assert model.cfg.ensemble.heads == out["heads"] == 2
+    df = load_dataset("agiqa3k", str(SAMPLE))
+    train = df[df["split"] == "train"].reset_index(drop=True)
+    assert out["probe_fitted_on"] == len(train) < len(df)
+    x = ensemble.pooled_stats(model, train)
+    expected = fit_ridge(x, train["mos"].to_numpy(), 10.0)
+    np.testing.assert_allclose(model.probe.weight.numpy(), expected[2], rtol=1e-4, atol=1e-5)
+    with pytest.raises(SystemExit):  # nothing left to choose the strength on
+        ensemble.parse_args(["--member", members[0], "--probe", "--data-root", str(SAMPLE), "--fit-on", "train+val",
+                             "--output", str(tmp_path / "f")])
