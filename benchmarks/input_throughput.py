@@ -87,12 +87,12 @@ def main(argv=None) -> int:
         inputs = write_inputs(images, work, shard_size, row_group)
         warm = work / "warmup.jsonl"
         warm.write_text("".join(json.dumps({"uri": str(p)}) + "\n" for p in images[:2]))
-        score(ScoreRequest(manifest=str(warm), output=str(work / "warmup-out"), allow_untrained=True))
+        score(ScoreRequest(manifest=str(warm), output=str(work / "warmup-out"), model="tiny-random", allow_untrained=True))
         result = {"images": n, "image_mb": round(sum(p.stat().st_size for p in images) / 2**20, 1),
                   "shard_size": shard_size, "row_group": row_group, "model": "tiny-random", "kinds": {}}
         for kind, fields in inputs.items():
             started = time.perf_counter()
-            summary = score(ScoreRequest(output=str(work / f"out-{kind}"), allow_untrained=True, batch_size=args.batch_size,
+            summary = score(ScoreRequest(output=str(work / f"out-{kind}"), model="tiny-random", allow_untrained=True, batch_size=args.batch_size,
                                          keep_columns=["prompt"], **fields))
             wall = time.perf_counter() - started
             assert summary["rows"] == n and summary["table_rows"] == n, summary

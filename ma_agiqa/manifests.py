@@ -123,7 +123,7 @@ def expand_manifest(uri: str) -> tuple[list[str], str]:
         elif exists and fs.isdir(path):
             files = sorted(
                 p for p in fs.find(path)
-                if not posixpath.basename(p).startswith((".", "_")) and any(p.lower().endswith(s) for s in MANIFEST_SUFFIXES)
+                if not _hidden(p, path) and any(p.lower().endswith(s) for s in MANIFEST_SUFFIXES)
             )
         elif exists:
             files = [path]
@@ -289,3 +289,10 @@ def read_manifest_table(files: list[str], fmt: str) -> pa.Table:
         return pa.concat_tables(tables, promote_options="permissive")
     except Exception as e:  # noqa: BLE001
         raise ManifestError(f"manifest files disagree on their columns' types: {str(e)[:300]}") from None
+
+
+def _hidden(path: str, root: str) -> bool:
+    """A file the listing of ``root`` leaves out: it, or a folder between it and the root, is named ``.x`` or
+    ``_x`` (temporary parts, a run's own ``_runs/`` summaries, ``_SUCCESS`` markers)."""
+    relative = posixpath.relpath(path, root.rstrip("/") or "/")
+    return any(part.startswith((".", "_")) for part in relative.split("/"))

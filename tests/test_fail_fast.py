@@ -93,7 +93,7 @@ def test_a_model_stage_failing_on_every_batch_stops_the_run(tiny_model):
     from ma_agiqa.scoring.request import ScoreRequest
     from ma_agiqa.scoring.steps import FALLBACK, PIXELS, ScoreRows
 
-    _, _, spec = plan_request(ScoreRequest(manifest=str(SAMPLE / "manifest.jsonl"), output="unused", allow_untrained=True))
+    _, _, spec = plan_request(ScoreRequest(manifest=str(SAMPLE / "manifest.jsonl"), output="unused", model="tiny-random", allow_untrained=True))
     spec.semantic_prompts = {}  # the quality stage alone
     stage = ScoreRows(spec, watch=Watch(max_failed_batches=3))
     n = 4
@@ -119,7 +119,7 @@ def stalled_manifest(tmp_path, base: str, n: int) -> str:
 def test_a_stalled_store_stops_the_job_early_and_a_rerun_resumes(gpu_ray, silent_server, tmp_path, capsys):
     out = str(tmp_path / "scores")
     n = 64
-    args = ["--manifest", stalled_manifest(tmp_path, silent_server, n), "--output", out, "--allow-untrained",
+    args = ["--manifest", stalled_manifest(tmp_path, silent_server, n), "--output", out, "--model", "tiny-random", "--allow-untrained",
             "--gpus-per-actor", "0", "--fuse", "on", "--quality-actors", "1", "--batch-size", "4", "--rows-per-file", "4",
             "--connect-timeout", "1", "--read-timeout", "0.3", "--fetch-timeout", "0.8"]
     code = score.main([*args, "--min-rows-for-error-fraction", "16"])
@@ -150,7 +150,7 @@ def test_gpu_actors_without_cuda_refuse_with_one_line_unless_cpu_fallback(gpu_ra
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the refusal needs a GPU resource without a device")
-    args = ["--manifest", str(SAMPLE / "manifest.jsonl"), "--image-root", str(SAMPLE), "--limit", "8", "--allow-untrained",
+    args = ["--manifest", str(SAMPLE / "manifest.jsonl"), "--image-root", str(SAMPLE), "--limit", "8", "--model", "tiny-random", "--allow-untrained",
             "--gpus-per-actor", "0.5", "--fuse", "on", "--quality-actors", "1", "--cpus-per-actor", "0.5", "--batch-size", "4"]
     code = score.main([*args, "--output", str(tmp_path / "refused")])
     assert code == 2

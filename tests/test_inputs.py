@@ -46,7 +46,7 @@ def bucket(s3_server):
 
 
 def run_job(*argv) -> dict:
-    return score.run(score.parse_args(["--allow-untrained", "--batch-size", "4", *argv]))
+    return score.run(score.parse_args(["--model", "tiny-random", "--allow-untrained", "--batch-size", "4", *argv]))
 
 
 def upload(local: Path, prefix: str) -> str:

@@ -33,7 +33,7 @@ def test_a_worker_node_lost_mid_run_costs_at_most_one_re_run(tmp_path):
     out, log = tmp_path / "scores", tmp_path / "job.log"
     # Two actors of half a CPU each and a CPU for the tasks: the layout still fits on the head alone.
     cmd = [sys.executable, "-m", "jobs.score", "--address", address, "--manifest", str(tmp_path / "manifest.parquet"),
-           "--image-root", str(images), "--output", str(out), "--allow-untrained", "--batch-size", "4",
+           "--image-root", str(images), "--output", str(out), "--model", "tiny-random", "--allow-untrained", "--batch-size", "4",
            "--rows-per-file", "4", "--quality-actors", "2", "--cpus-per-actor", "0.5", "--shared-filesystem"]
     jobs = []
     try:

@@ -39,7 +39,7 @@ def cluster():
 def job(address, log, *args, manifest=str(SAMPLE / "manifest.jsonl"), root=str(SAMPLE)):
     """`python -m jobs.score` against the cluster, its output in ``log``, in a process group of its own."""
     cmd = [sys.executable, "-m", "jobs.score", "--address", address, "--manifest", manifest, "--image-root", root,
-           "--allow-untrained", "--batch-size", "4", *map(str, args)]
+           "--model", "tiny-random", "--allow-untrained", "--batch-size", "4", *map(str, args)]
     with open(log, "w") as f:
         return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -49,7 +49,7 @@ def test_score_sample_sh_submits_to_a_head_that_requires_the_local_token(tmp_pat
 
         relative = subprocess.run(
             [RAY, "job", "submit", "--address", dashboard, "--working-dir", ".", "--", "python", "-m", "jobs.score",
-             "--manifest", "samples/agiqa3k/manifest.jsonl", "--image-root", "samples/agiqa3k", "--allow-untrained",
+             "--manifest", "samples/agiqa3k/manifest.jsonl", "--image-root", "samples/agiqa3k", "--model", "tiny-random", "--allow-untrained",
              "--output", "outputs/sample-scores"],
             cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(user, RAY_AUTH_MODE="token"))
         said = relative.stdout + relative.stderr
