@@ -30,9 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ma_agiqa.export import FORMATS, run_export  # noqa: E402
+from _common import pick_images, start_local_ray  # noqa: E402
 
-DATA = Path(os.environ.get("MA_AGIQA_AGIQA3K", ROOT.parent / "shared/datasets/agiqa3k"))
-SAMPLE = ROOT / "samples" / "agiqa3k"
 
 
 def rss_mb() -> float:
@@ -60,19 +59,13 @@ def main(argv=None) -> int:
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--smoke", action="store_true", help="8 sample images, shards of 3: checks that it runs")
     args = p.parse_args(argv)
-    source = SAMPLE / "images" if args.smoke else DATA / "images"
     n, shard_size = (8, 3) if args.smoke else (args.images, args.shard_size)
-    images = sorted(source.glob("*.jpg"))[:n]
-    if len(images) < n:
-        print(f"error: {source} holds {len(images)} JPEGs, fewer than {n}", file=sys.stderr)
+    images = pick_images(n, args.smoke)
+    if images is None:
         return 2
-
     import ray
 
-    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_local_ray()
     work = Path(tempfile.mkdtemp(prefix="export-bench-"))
     try:
         kept_table(images, work / "kept.parquet")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import shutil
 import sys
 import tarfile
@@ -31,9 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ma_agiqa.scoring import ScoreRequest, score  # noqa: E402
+from _common import pick_images, start_local_ray  # noqa: E402
 
-DATA = Path(os.environ.get("MA_AGIQA_AGIQA3K", ROOT.parent / "shared/datasets/agiqa3k"))
-SAMPLE = ROOT / "samples" / "agiqa3k"
 
 
 def write_inputs(images: list[Path], work: Path, shard_size: int, row_group: int) -> dict[str, dict]:
@@ -69,19 +67,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--smoke", action="store_true", help="8 sample images, shards of 3, row groups of 2: checks that it runs")
     args = p.parse_args(argv)
-    source = SAMPLE / "images" if args.smoke else DATA / "images"
     n, shard_size, row_group = (8, 3, 2) if args.smoke else (args.images, args.shard_size, args.row_group)
-    images = sorted(source.glob("*.jpg"))[:n]
-    if len(images) < n:
-        print(f"error: {source} holds {len(images)} JPEGs, fewer than {n}", file=sys.stderr)
+    images = pick_images(n, args.smoke)
+    if images is None:
         return 2
-
     import ray
 
-    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_local_ray()
     work = Path(tempfile.mkdtemp(prefix="input-bench-"))
     try:
         inputs = write_inputs(images, work, shard_size, row_group)

@@ -56,7 +56,8 @@ def run(args) -> dict:
 
     from ma_agiqa import create_model
     from ma_agiqa.datasets import load_dataset
-    from ma_agiqa.ensemble import assemble, fit_probe, fit_ridge
+    from ma_agiqa.ensemble import fit_probe, fit_ridge
+    from ma_agiqa.model import assemble_ensemble
 
     members = [create_model(m, with_semantic=False) for m in args.member]
     out = {"members": [m.model_id for m in members]}
@@ -74,7 +75,7 @@ def run(args) -> dict:
             val = df[df["split"] == "val"].reset_index(drop=True)
             probe, alpha = fit_probe(x, y, pooled_stats(members[0], val), val["mos"].to_numpy())
         out.update({"probe_alpha": alpha, "probe_fitted_on": len(train)})
-    model = assemble(members, probe, args.probe_weight, args.name)
+    model = assemble_ensemble(members, probe, args.probe_weight, args.name)
     model.save_pretrained(args.output)
     out.update({"output": args.output, "model": model.model_id, "heads": len(members)})
     return out

@@ -321,3 +321,35 @@ def load_semantic(name_or_dir: str | os.PathLike, device: str | torch.device = "
     directory = checkpoint_dir(name_or_dir)
     recorded = getattr(cfg.semantic, "_width", None)
     return SemanticExtractor.from_config(cfg.semantic, str(directory) if directory else None, device, expected_width=recorded)
+
+
+def assemble_ensemble(members: list, probe: tuple | None = None, probe_weight: float = 0.5, name: str | None = None):
+    """One model from trained single-head models of the same config (seeds apart) and, optionally, a fitted
+    probe ((mean, scale, weight, bias) from ``fit_probe``): the first model's config with ``ensemble`` set, its
+    weights and the others' heads. Save it with ``save_pretrained``; ``from_pretrained`` loads it."""
+    from .config import EnsembleConfig
+
+    first = members[0]
+    backbone = first.quality.backbone.state_dict()
+    for m in members[1:]:
+        if (m.cfg.quality, m.cfg.moe, m.cfg.mos_mean, m.cfg.mos_std) != (
+                first.cfg.quality, first.cfg.moe, first.cfg.mos_mean, first.cfg.mos_std):
+            raise ValueError("ensemble members must share the config and the MOS normalisation (the same training data)")
+        if any(not torch.equal(v, backbone[k]) for k, v in m.quality.backbone.state_dict().items()):
+            raise ValueError("ensemble members must share the backbone's weights")
+    d = first.cfg.to_dict()
+    d["name"] = name or first.cfg.name
+    cfg = ModelConfig.from_dict(d)
+    cfg.ensemble = EnsembleConfig(heads=len(members), probe=probe is not None, probe_weight=probe_weight)
+    if first.cfg.semantic is not None:
+        cfg.semantic._base_dir = getattr(first.cfg.semantic, "_base_dir", None)
+        cfg.semantic._width = first.cfg.semantic._width
+    model = MAAGIQA(cfg, first.semantic, first.prompt_encoder, load_pretrained_backbone=False, base_dir=first.base_dir)
+    model.quality.load_state_dict(first.quality.state_dict())  # the backbone too: the members' shared one
+    model.moe.load_state_dict(first.moe.state_dict())
+    for head, m in zip(model.heads, members[1:]):
+        head.quality.load_state_dict({k: v for k, v in m.quality.state_dict().items() if not k.startswith("backbone.")})
+        head.moe.load_state_dict(m.moe.state_dict())
+    if probe is not None:
+        model.probe.set(*probe)
+    return model.to(next(first.parameters()).device).eval()

@@ -67,7 +67,7 @@ def tiny_prompt_model():
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A real local Ray with 2 CPUs for one test module (test_score_job overrides it to add S3 settings)."""
+    """A real local Ray with 2 CPUs for one test module."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False,
@@ -97,3 +97,14 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def local_ray_s3(s3_server):
+    """A real local Ray with 2 CPUs whose workers reach the moto S3 server (started first, its settings passed on)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
+        k: os.environ[k] for k in ("MA_AGIQA_CACHE", *s3_server) if k in os.environ}})
+    yield
+    ray.shutdown()

@@ -101,3 +101,15 @@ def write_scores(path, rows, model="tiny-random@567bfeb48b9e", keep=("prompt",))
     path.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(full, schema=schema), path / "part-0.parquet")
     return str(path)
+
+
+def s3_bucket(s3_server: dict, bucket: str, images: dict[str, bytes] | None = None):
+    """A new bucket on the moto server, holding ``images`` (key -> bytes); returns an s3fs filesystem on it."""
+    import boto3
+    import s3fs
+
+    boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"]).create_bucket(Bucket=bucket)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["AWS_ENDPOINT_URL"]})
+    for key, data in (images or {}).items():
+        fs.pipe(f"{bucket}/{key}", data)
+    return fs

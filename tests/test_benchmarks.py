@@ -12,7 +12,7 @@ from helpers import REPO, REQUIRE_PEERS, require_module
 
 # Benchmarks whose smoke run a test of their own makes and reads field by field (minutes each on 2 cores).
 SMOKED_ELSEWHERE = {"gpu_run.py": "test_gpu_run.py"}
-BENCHMARKS = sorted(p for p in (REPO / "benchmarks").glob("*.py") if p.name not in SMOKED_ELSEWHERE)
+BENCHMARKS = sorted(p for p in (REPO / "benchmarks").glob("*.py") if p.name not in SMOKED_ELSEWHERE and not p.name.startswith("_"))
 # What a benchmark needs beyond the project's dependencies (``.ci/run`` installs it).
 NEEDS = {"peer_maniqa.py": [("einops", REQUIRE_PEERS), ("cv2", REQUIRE_PEERS), ("pyiqa.archs.maniqa_arch", REQUIRE_PEERS)]}
 

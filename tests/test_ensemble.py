@@ -11,7 +11,8 @@ import torch
 from helpers import SAMPLE, read_table
 from ma_agiqa import create_model
 from ma_agiqa.config import EnsembleConfig
-from ma_agiqa.ensemble import assemble, fit_ridge
+from ma_agiqa.ensemble import fit_ridge
+from ma_agiqa.model import assemble_ensemble
 from ma_agiqa.model import from_pretrained
 
 
@@ -46,7 +47,7 @@ def parts(tmp_path_factory, agiqa_images):
     with torch.no_grad():
         stats = a.quality.pooled_stats(a.quality.features(views.flatten(0, 1))).numpy()
     probe = fit_ridge(stats, np.linspace(1, 4, len(stats)), 10.0)
-    assemble([a, b], probe).save_pretrained(root / "ensemble")
+    assemble_ensemble([a, b], probe).save_pretrained(root / "ensemble")
     return {"a": a, "b": b, "probe": probe, "views": views, "stats": stats, "dir": root / "ensemble"}
 
 

@@ -13,20 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import REPO, SAMPLE, read_table, sample_rows, write_scores
+from helpers import REPO, SAMPLE, read_table, s3_bucket, sample_rows, write_scores
 from jobs import export as export_job
 from ma_agiqa import locators
 from ma_agiqa.export import ExportError, image_extension, run_export, sample_key
 
-
-@pytest.fixture(scope="module")
-def local_ray(s3_server):
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
-        k: os.environ[k] for k in ("MA_AGIQA_CACHE", *s3_server) if k in os.environ}})
-    yield
-    ray.shutdown()
 
 
 ODD_ID = "gen/a b.c"  # an id that is no file name: its key is sanitised, with a digest suffix
@@ -71,7 +62,7 @@ def test_keys_are_safe_and_distinct():
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet", "files"])
-def test_each_format_holds_exactly_the_kept_images(local_ray, tmp_path, fmt):
+def test_each_format_holds_exactly_the_kept_images(local_ray_s3, tmp_path, fmt):
     kept, expected = kept_set(tmp_path)
     out = str(tmp_path / "export")
     summary = run_export(kept, out, fmt, shard_size=4, image_root=str(SAMPLE))
@@ -111,7 +102,7 @@ def test_each_format_holds_exactly_the_kept_images(local_ray, tmp_path, fmt):
     assert again["shards_written"] == 0 and again["exported"] == summary["exported"]
 
 
-def test_container_rows_are_read_from_their_tar_and_parquet_files(local_ray, tmp_path):
+def test_container_rows_are_read_from_their_tar_and_parquet_files(local_ray_s3, tmp_path):
     images = sorted((SAMPLE / "images").glob("*.jpg"))[:6]
     shard = tmp_path / "in" / "000000.tar"
     shard.parent.mkdir()
@@ -141,15 +132,9 @@ def test_container_rows_are_read_from_their_tar_and_parquet_files(local_ray, tmp
     }
 
 
-def test_s3_round_trip(local_ray, s3_server, tmp_path):
-    import boto3
-    import s3fs
-
-    boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"]).create_bucket(Bucket="exports")
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["AWS_ENDPOINT_URL"]})
+def test_s3_round_trip(local_ray_s3, s3_server, tmp_path):
     rows = sample_rows()[:5]
-    for r in rows:
-        fs.pipe(f"exports/imgs/{r['id']}.jpg", (SAMPLE / r["uri"]).read_bytes())
+    fs = s3_bucket(s3_server, "exports", {f"imgs/{r['id']}.jpg": (SAMPLE / r["uri"]).read_bytes() for r in rows})
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         tar.add(SAMPLE / rows[0]["uri"], arcname="m.jpg")
@@ -172,7 +157,7 @@ def shard_bytes(out) -> dict[str, bytes]:
     return {p: open(os.path.join(out, p), "rb").read() for p in sorted(os.listdir(out)) if p.endswith(".tar")}
 
 
-def test_a_killed_export_is_completed_by_a_rerun_without_duplicates(local_ray, tmp_path):
+def test_a_killed_export_is_completed_by_a_rerun_without_duplicates(local_ray_s3, tmp_path):
     kept, expected = kept_set(tmp_path, n=12)
     reference = str(tmp_path / "reference")
     run_export(kept, reference, "webdataset", shard_size=1, image_root=str(SAMPLE))
@@ -224,7 +209,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
         run_export(kept, str(tmp_path / "o"), "parquet", shard_size=0)
 
 
-def test_curate_exports_the_kept_images_after_the_filter(local_ray, tmp_path):
+def test_curate_exports_the_kept_images_after_the_filter(local_ray_s3, tmp_path):
     from jobs import curate
 
     rows = sample_rows()[:6]

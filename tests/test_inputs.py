@@ -4,7 +4,6 @@ tiny-random. Each kind keeps the job's contract: every row once (ok or error), r
 import hashlib
 import io
 import json
-import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -26,15 +25,6 @@ from ma_agiqa.sources import comfy_prompt, expand_braces, metadata_prompt, png_t
 IMAGES = sorted((SAMPLE / "images").glob("*.jpg"))[:6]
 BUCKET = "inputs-bucket"
 
-
-@pytest.fixture(scope="module")
-def local_ray(s3_server):
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
-        k: os.environ[k] for k in ("MA_AGIQA_CACHE", *s3_server) if k in os.environ}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +188,7 @@ def test_plans_give_ids_without_image_bytes_and_reads_give_the_same_rows(tmp_pat
 
 
 # -- on Ray --------------------------------------------------------------------------------------------------
-def test_folder_parquet_and_shards_locally_with_resume(local_ray, tmp_path):
+def test_folder_parquet_and_shards_locally_with_resume(local_ray_s3, tmp_path):
     prompts = image_folder(tmp_path / "f")
     out = str(tmp_path / "folder-scores")
     summary = run_job("--images", str(tmp_path / "f"), "--prompt-from", "metadata", "--keep-columns", "prompt", "--output", out)
@@ -239,7 +229,7 @@ def test_folder_parquet_and_shards_locally_with_resume(local_ray, tmp_path):
     assert again["to_score"] == 0 and again["already_scored"] == len(expected)
 
 
-def test_each_kind_on_s3(local_ray, bucket, tmp_path):
+def test_each_kind_on_s3(local_ray_s3, bucket, tmp_path):
     expected = shards(tmp_path / "s")
     prefix = upload(tmp_path / "s", "wds")
     out = f"s3://{BUCKET}/wds-scores"

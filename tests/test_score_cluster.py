@@ -3,8 +3,6 @@
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,51 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from helpers import REPO, read_table, sample_rows
+from ray_clusters import env, free_port, kill_session
 from ma_agiqa.schema import validate_score_table
-
-
-def _env(**extra):
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO), **extra)
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _live_session_pids(sid: int) -> list[int]:
-    """Processes of session ``sid`` that still run (zombies left to an init that does not reap are not)."""
-    pids = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                state, _ppid, _pgrp, session = f.read().rsplit(")", 1)[1].split()[:4]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(session) == sid and state != "Z":
-            pids.append(int(entry))
-    return pids
-
-
-def _kill_group(proc):
-    """SIGKILL to every process of the job's session: the job, its local Ray and Ray's workers, which run in
-    process groups of their own and would otherwise go on writing for seconds after their raylet died."""
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        alive = [pid for pid in _live_session_pids(proc.pid) if pid != os.getpid()]
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.poll()  # reap the job itself
-        if not alive:
-            break
-        time.sleep(0.1)
-    proc.wait(timeout=30)
 
 
 def test_killed_run_resumes_to_a_complete_table_without_duplicates(agiqa_sample, tmp_path):
@@ -75,7 +30,7 @@ def test_killed_run_resumes_to_a_complete_table_without_duplicates(agiqa_sample,
     out = tmp_path / "scores"
     cmd = [sys.executable, "-m", "jobs.score", "--model", "tiny-random", "--allow-untrained", "--manifest", str(tmp_path / "manifest.parquet"),
            "--image-root", str(images), "--output", str(out), "--batch-size", "4", "--rows-per-file", "8"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), start_new_session=True,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
@@ -84,14 +39,14 @@ def test_killed_run_resumes_to_a_complete_table_without_duplicates(agiqa_sample,
             time.sleep(0.2)
         assert len(list(out.glob("part-*.parquet"))) >= 2, "no part file appeared in time"
     finally:
-        _kill_group(proc)  # SIGKILL to the job and its local Ray: no clean-up runs
+        kill_session(proc)  # SIGKILL to the job and its local Ray: no clean-up runs
     partial = read_table(str(out)).num_rows
     assert 0 < partial < len(names)
     # every visible part is a whole Parquet file (written to a hidden name, then renamed)
     for part in out.glob("part-*.parquet"):
         pq.read_table(part)
 
-    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400, start_new_session=True)
+    done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=400, start_new_session=True)
     assert done.returncode == 0, done.stderr[-3000:]
     table = read_table(str(out))
     validate_score_table(table, ["coherence", "semantic", "quality"])
@@ -102,13 +57,13 @@ def test_killed_run_resumes_to_a_complete_table_without_duplicates(agiqa_sample,
 
 
 def test_ray_job_submit_to_a_head_node(tmp_path):
-    gcs_port, dash_port = _free_port(), _free_port()
+    gcs_port, dash_port = free_port(), free_port()
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port), "--include-dashboard", "true",
-         "--dashboard-agent-listen-port", str(_free_port()),  # the default 52365 may be another cluster's here
+         "--dashboard-agent-listen-port", str(free_port()),  # the default 52365 may be another cluster's here
          "--disable-usage-stats"],
-        env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         address = f"http://127.0.0.1:{dash_port}"
@@ -120,7 +75,7 @@ def test_ray_job_submit_to_a_head_node(tmp_path):
                   "--image-root", "samples/agiqa3k", "--output", str(out), "--keep-columns", "generator"]
         deadline = time.time() + 60
         while True:  # the dashboard's job API takes a few seconds to come up
-            result = subprocess.run(submit, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+            result = subprocess.run(submit, cwd=REPO, env=env(), capture_output=True, text=True, timeout=400)
             if result.returncode == 0 or time.time() > deadline or "Connection" not in result.stdout + result.stderr:
                 break
             time.sleep(2)
@@ -130,13 +85,13 @@ def test_ray_job_submit_to_a_head_node(tmp_path):
         assert table.num_rows == len(sample_rows())
         assert set(table["generator"].to_pylist()) == {r["generator"] for r in sample_rows()}
     finally:
-        _kill_group(head)
+        kill_session(head)
     # The killed head leaves /tmp/ray/ray_current_cluster naming a dead cluster: a job without --address
     # must still start its own local Ray rather than wait on that one.
     local = subprocess.run(
         [sys.executable, "-m", "jobs.score", "--model", "tiny-random", "--allow-untrained", "--manifest", "samples/agiqa3k/manifest.jsonl", "--image-root",
          "samples/agiqa3k", "--output", str(tmp_path / "local"), "--limit", "4"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180, start_new_session=True,
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=180, start_new_session=True,
     )
     assert local.returncode == 0, local.stderr[-3000:]
     assert read_table(str(tmp_path / "local")).num_rows == 4

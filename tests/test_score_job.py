@@ -1,6 +1,5 @@
 """The scoring job on a real local Ray (2 CPUs) with tiny-random: local files and an S3-compatible server."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import REPO, SAMPLE, bad_files, read_table, sample_rows
+from helpers import REPO, SAMPLE, bad_files, read_table, s3_bucket, sample_rows
 from jobs import score
 from ma_agiqa.images import decode_image
 from ma_agiqa.scoring import JobConfigError
@@ -20,21 +19,12 @@ from ma_agiqa.schema import validate_score_table
 EXPERTS = ["coherence", "semantic", "quality"]
 
 
-@pytest.fixture(scope="module")
-def local_ray(s3_server):
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
-        k: os.environ[k] for k in ("MA_AGIQA_CACHE", *s3_server) if k in os.environ}})
-    yield
-    ray.shutdown()
-
 
 def run_job(*argv) -> dict:
     return score.run(score.parse_args(["--model", "tiny-random", "--allow-untrained", *argv]))  # tiny-random's heads are random
 
 
-def test_sample_manifest_scores_every_row_like_the_library(local_ray, tmp_path, tiny_model):
+def test_sample_manifest_scores_every_row_like_the_library(local_ray_s3, tmp_path, tiny_model):
     out = str(tmp_path / "scores")
     summary = run_job("--manifest", str(SAMPLE / "manifest.jsonl"), "--image-root", str(SAMPLE), "--output", out,
                       "--keep-columns", "prompt,generator", "--keep-features", "--batch-size", "8")
@@ -58,7 +48,7 @@ def test_sample_manifest_scores_every_row_like_the_library(local_ray, tmp_path, 
     assert saved["rows"] == len(rows) and saved["images_per_s"] > 0
 
 
-def test_bad_rows_become_error_rows_and_nothing_is_lost(local_ray, tmp_path):
+def test_bad_rows_become_error_rows_and_nothing_is_lost(local_ray_s3, tmp_path):
     root = tmp_path / "images"
     shutil.copytree(SAMPLE / "images", root)
     expected_bad = bad_files(root)
@@ -83,7 +73,7 @@ def test_bad_rows_become_error_rows_and_nothing_is_lost(local_ray, tmp_path):
     assert summary["errors_by_kind"] == {**{k: 1 for k in expected_bad.values()}, "missing_uri": 1}
 
 
-def test_rerun_scores_only_what_is_missing(local_ray, tmp_path):
+def test_rerun_scores_only_what_is_missing(local_ray_s3, tmp_path):
     args = ["--manifest", str(SAMPLE / "manifest.jsonl"), "--image-root", str(SAMPLE), "--output", str(tmp_path / "s"), "--batch-size", "8"]
     first = run_job(*args, "--limit", "12")
     assert first["rows"] == 12
@@ -120,7 +110,7 @@ def test_the_driver_plans_a_job_without_torch(tmp_path):
     assert planned == {"experts": EXPERTS, "id": model.model_id, "heavy": []}
 
 
-def test_separate_stages_score_like_the_fused_default(local_ray, tmp_path):
+def test_separate_stages_score_like_the_fused_default(local_ray_s3, tmp_path):
     """--fuse off is the layout a GPU cluster gets (decode tasks, then one actor pool per model stage); on
     this CPU-only cluster the default runs decoding and both model stages in one pool. Same rows, same scores."""
     args = ["--manifest", str(SAMPLE / "manifest.jsonl"), "--image-root", str(SAMPLE), "--batch-size", "8", "--limit", "16"]
@@ -151,15 +141,10 @@ def test_a_bad_manifest_fails_before_any_model_work(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_s3_manifest_and_images(local_ray, s3_server, tmp_path):
-    import boto3
-    import s3fs
-
-    boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"]).create_bucket(Bucket="corpus")
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["AWS_ENDPOINT_URL"]})
+def test_s3_manifest_and_images(local_ray_s3, s3_server, tmp_path):
     rows = sample_rows()[:10]
-    for r in rows:
-        fs.pipe(f"corpus/imgs/{r['uri'].removeprefix('images/')}", (SAMPLE / r["uri"]).read_bytes())
+    fs = s3_bucket(s3_server, "corpus", {f"imgs/{r['uri'].removeprefix('images/')}": (SAMPLE / r["uri"]).read_bytes()
+                                         for r in rows})
     manifest = pa.Table.from_pylist(
         [{"uri": f"s3://corpus/imgs/{r['uri'].removeprefix('images/')}", "prompt": r["prompt"]} for r in rows]
         + [{"uri": "s3://corpus/imgs/missing.jpg", "prompt": "gone"}]
@@ -182,7 +167,7 @@ def test_s3_manifest_and_images(local_ray, s3_server, tmp_path):
     assert "testing-secret" not in fs.cat("corpus/scores/_summary.json").decode()
 
 
-def test_layouts_leave_room_for_decoding_and_follow_the_cluster(local_ray):
+def test_layouts_leave_room_for_decoding_and_follow_the_cluster(local_ray_s3):
     def layout(argv, resources):
         args = score.parse_args(["--manifest", "m", "--output", "o", *argv])
         return plan_layout(score.request_from(args, args.manifest, args.output), True, resources)

@@ -76,16 +76,6 @@ def test_unknown_models_and_untrained_heads_stop_before_ray_and_any_download(tmp
 
 
 # -- the library call ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in ("MA_AGIQA_CACHE",) if k in os.environ}})
-    yield
-    ray.shutdown()
-
-
 def test_score_returns_the_summary_it_writes(local_ray, tmp_path):
     from ma_agiqa.checkpoint import model_id
 
