@@ -96,7 +96,7 @@ def measure(what: str, table: str) -> dict:
         start = time.perf_counter()
         result = {"rows": count_rows(table)}
     else:
-        from jobs.compact import compact
+        from ma_agiqa.compaction import compact
 
         start = time.perf_counter()
         s = compact(table)

@@ -56,7 +56,7 @@ def run(args) -> dict:
     scored = score(request_from(args, args.manifest, args.scores))
     extra = {"scoring": scored}
     if args.compact:
-        from jobs.compact import compact
+        from ma_agiqa.compaction import compact
 
         extra["compaction"] = compact(args.scores, args.compact_rows_per_file, args.memory_limit)
     summary = run_filter(

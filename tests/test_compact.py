@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import T0, read_table, write_scores
-from jobs import compact
+from jobs import compact as compact_cli
+from ma_agiqa import compaction as compact
 from ma_agiqa.score_table import read_scores
 
 
@@ -70,9 +71,9 @@ def test_a_compaction_that_dies_changes_nothing_readers_see(tmp_path, monkeypatc
 
 def test_the_command_line(tmp_path, capsys):
     root = many_parts(tmp_path / "scores")
-    assert compact.main(["--table", str(root), "--target-rows-per-file", "100"]) == 0
+    assert compact_cli.main(["--table", str(root), "--target-rows-per-file", "100"]) == 0
     assert "-> 1 parts, 8 rows" in capsys.readouterr().out
-    assert compact.main(["--table", str(root), "--target-rows-per-file", "0"]) == 2
+    assert compact_cli.main(["--table", str(root), "--target-rows-per-file", "0"]) == 2
 
 
 def test_compaction_streams_into_parts_of_a_byte_target(tmp_path):
@@ -98,6 +99,6 @@ def test_compaction_streams_into_parts_of_a_byte_target(tmp_path):
     assert read_table(str(root)).num_rows == before.num_rows
     sizes = np.array([p.stat().st_size for p in parts])
     assert (sizes[:-1] >= 8_000).all()  # closed at the target, not before
-    assert compact.main(["--table", str(root), "--target-bytes-per-file", "1GB", "--target-rows-per-file", "5000"]) == 0
+    assert compact_cli.main(["--table", str(root), "--target-bytes-per-file", "1GB", "--target-rows-per-file", "5000"]) == 0
     assert len(list(root.glob("part-*.parquet"))) == 1 and read_scores(str(root)).to_pylist() == before.to_pylist()
-    assert compact.parse_bytes("2MiB") == 2 << 20 and compact.parse_bytes("512MB") == 512 * 10**6
+    assert compact_cli.parse_bytes("2MiB") == 2 << 20 and compact_cli.parse_bytes("512MB") == 512 * 10**6

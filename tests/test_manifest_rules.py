@@ -196,7 +196,7 @@ def test_file_uris_are_percent_decoded(tmp_path):
 def test_tables_at_paths_with_glob_characters_are_read_literally(tmp_path):
     """A table at out?x[1]/ is read, compacted, filtered and reported by its own path, never as a pattern
     (a sibling out?x1/ that the pattern would match is left alone); local paths are shown whole."""
-    from jobs.compact import compact
+    from ma_agiqa.compaction import compact
 
     base = tmp_path / "run#2"
     decoy = write_table(base / "outqx1", [("z", "ok", None, T0, "z.jpg")])
