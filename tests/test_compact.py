@@ -88,7 +88,7 @@ def test_compaction_streams_into_parts_of_a_byte_target(tmp_path):
         table = pq.read_table(root / "part-0.parquet")
         (root / "part-0.parquet").unlink()
         pq.write_table(table, root / f"part-r{p}.parquet", row_group_size=100)
-    write_scores(root, [("i0-1", 6.5, "x")])  # supersedes one row
+    write_scores(root, [{"image_id": "i0-1", "score": 6.5, "prompt": "x", "scored_at": T0 + timedelta(hours=1)}])  # supersedes one row
     (root / "part-0.parquet").rename(root / "part-9.parquet")
     before = read_scores(str(root))
     summary = compact.compact(str(root), target_rows=10**6, target_bytes=8_000)
