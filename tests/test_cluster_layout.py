@@ -44,7 +44,8 @@ def test_a_cluster_that_scales_from_zero_gets_the_gpu_layout(tmp_path):
         cmd = [sys.executable, "-m", "jobs.score", "--manifest", str(SAMPLE / "manifest.jsonl"), "--image-root", str(SAMPLE),
                "--output", str(out), "--limit", "16", "--batch-size", "4", "--address", address, "--fuse", "off",
                "--gpus-per-actor", "0.5", "--cpus-per-actor", "0.5", "--model", "tiny-random", "--allow-untrained", "--semantic-actors", "1", "--quality-actors", "1",
-               "--wait-for-cluster", "120", "--shared-filesystem"]  # both nodes are this machine
+               "--wait-for-cluster", "120", "--shared-filesystem",  # both nodes are this machine
+               "--allow-cpu-fallback"]  # its GPUs are a resource, no CUDA device
         deadline = time.time() + 60
         with open(logs, "w") as log:
             job = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -46,8 +46,8 @@ def min_rows_for_error_fraction(given: int | None, batch_size: int, n_actors: in
 class Watch:
     """What a model actor needs to report to its run's monitor; plain data, shipped with the stage."""
 
-    monitor: str | None = None  # the monitor actor's name; None: report to nobody
-    namespace: str | None = None
+    monitor: object = None  # the monitor actor's handle (handles travel with the stage; a name lookup from an
+    # actor on another node can miss the job's namespace); None: report to nobody
     allow_cpu_fallback: bool = False
     max_failed_batches: int = MAX_FAILED_BATCHES  # 0: never stop for failed batches
 
@@ -88,8 +88,7 @@ def start_monitor(max_error_fraction: float, min_rows: int, allow_cpu_fallback: 
 
     name = f"ma-agiqa-monitor-{uuid.uuid4().hex[:12]}"
     actor = ray.remote(num_cpus=0, max_restarts=0)(Judge).options(name=name).remote(max_error_fraction, min_rows)
-    namespace = ray.get_runtime_context().namespace
-    return actor, Watch(name, namespace, allow_cpu_fallback, max_failed_batches)
+    return actor, Watch(actor, allow_cpu_fallback, max_failed_batches)
 
 
 def node_name() -> str:
@@ -110,11 +109,7 @@ class Reporter:
         self.watch, self.stage = watch or Watch(), stage
         self.failed_in_a_row = 0
         self.verdict: dict | None = None  # the run's, once the monitor has one
-        self.actor = None
-        if self.watch.monitor:
-            import ray
-
-            self.actor = ray.get_actor(self.watch.monitor, namespace=self.watch.namespace)
+        self.actor = self.watch.monitor
 
     def _ask(self, call):
         import ray
