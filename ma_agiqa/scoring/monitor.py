@@ -87,7 +87,12 @@ def start_monitor(max_error_fraction: float, min_rows: int, allow_cpu_fallback: 
     import ray
 
     name = f"ma-agiqa-monitor-{uuid.uuid4().hex[:12]}"
-    actor = ray.remote(num_cpus=0, max_restarts=0)(Judge).options(name=name).remote(max_error_fraction, min_rows)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node: a worker node lost mid-run (spot) must not take the run's monitor with it.
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(num_cpus=0, max_restarts=0)(Judge).options(name=name, scheduling_strategy=here).remote(
+        max_error_fraction, min_rows)
     return actor, Watch(actor, allow_cpu_fallback, max_failed_batches)
 
 
