@@ -48,7 +48,8 @@ def write_inputs(images: list[Path], work: Path, shard_size: int, row_group: int
     for s in range(0, len(images), shard_size):
         with tarfile.open(shards / f"{s // shard_size:05d}.tar", "w") as tar:
             for p in images[s:s + shard_size]:
-                for name, data in ((f"{p.stem}.jpg", p.read_bytes()), (f"{p.stem}.txt", f"prompt of {p.stem}".encode())):
+                key = p.stem.replace(".", "_")  # a WebDataset key ends at its first dot (sd1.5_normal_000 would be sd1)
+                for name, data in ((f"{key}.jpg", p.read_bytes()), (f"{key}.txt", f"prompt of {p.stem}".encode())):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
