@@ -93,6 +93,9 @@ def start_monitor(max_error_fraction: float, min_rows: int, allow_cpu_fallback: 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(num_cpus=0, max_restarts=0)(Judge).options(name=name, scheduling_strategy=here).remote(
         max_error_fraction, min_rows)
+    # Up before any model actor starts: their constructors report to it, and on a small node Ray starts only a
+    # few worker processes at a time, so actors waiting on a monitor not yet started could starve it.
+    ray.get(actor.state.remote())
     return actor, Watch(actor, allow_cpu_fallback, max_failed_batches)
 
 
