@@ -3,6 +3,7 @@ session's processes (never `ray stop`, which stops every Ray on the machine), an
 after a job (actors, placement groups, the autoscaler request)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -80,20 +81,46 @@ def kill_session(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def connect(address: str, timeout: float = 60) -> None:
-    """ray.init to a cluster being started, retried until its GCS answers."""
+@contextlib.contextmanager
+def connected(address: str, timeout: float = 60):
+    """This process as a driver of a test cluster (started without token auth), ray.init retried until its GCS
+    answers; on exit, ray.shutdown and the auth mode this process had before.
+
+    The mode is process state three times over: RAY_AUTH_MODE, and what Ray's C++ core cached from it (its
+    RayConfig, its token loader). A local ray.init sets them to "token"; flipping the variable alone leaves
+    this driver demanding a token that the cluster's processes (or the next local Ray's) never send: the
+    actors it creates die "cancelled before they started". So all three are set, and restored."""
     import ray
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    deadline = time.time() + timeout
-    while True:
-        try:
-            ray.init(address=address, logging_level="ERROR")
-            return
-        except Exception:  # noqa: BLE001 - the GCS is not up yet
-            if time.time() > deadline:
-                raise
-            time.sleep(1)
+    before = os.environ.get("RAY_AUTH_MODE")
+    _set_auth_mode("disabled")
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                ray.init(address=address, logging_level="ERROR")
+                break
+            except Exception:  # noqa: BLE001 - the GCS is not up yet
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        yield
+    finally:
+        ray.shutdown()
+        _set_auth_mode(before)
+
+
+def _set_auth_mode(mode: str | None) -> None:
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    if mode is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = mode
+    # Both caches: the RayConfig (as Ray's authentication_token_setup refreshes it after setting the variable)
+    # and the token loader's, which answers the gRPC servers' checks (tests/test_ray_clusters.py)
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def leftovers() -> dict:

@@ -17,22 +17,19 @@ import pytest
 
 from helpers import SAMPLE, sample_rows
 from ma_agiqa.score_table import read_scores
-from ray_clusters import REPO, connect, env, free_port, kill_session, start_node, wait_for_nothing_left, wait_for_text
+from ray_clusters import REPO, connected, env, free_port, kill_session, start_node, wait_for_nothing_left, wait_for_text
 
 NOTHING = {"actors": [], "placement_groups": [], "request": []}
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-
     port = free_port()
     head = start_node("--head", "--num-cpus", 4, "--num-gpus", 0, "--port", port, "--include-dashboard", "false")
     try:
-        connect(f"127.0.0.1:{port}")
-        yield f"127.0.0.1:{port}"
+        with connected(f"127.0.0.1:{port}"):
+            yield f"127.0.0.1:{port}"
     finally:
-        ray.shutdown()
         kill_session(head)
 
 
