@@ -56,13 +56,31 @@ def evaluate(args) -> dict:
     inputs, _ = prepare(model, args.model, df, args.cache_dir, args.address)
     pred = predict(model, inputs)
     out = {"model": model.model_id, "dataset": args.dataset, "split": args.split, "split_file": args.split_file,
-           **iqa_metrics(pred, df["mos"].to_numpy())}
+           **iqa_metrics(pred, df["mos"].to_numpy()), "played_a_role": played_a_role(args.model, df["image_id"])}
+    role = out["played_a_role"]
+    if role and (role["trained"] or role["chose_the_epoch"]):
+        print(f"note: of these {len(df)} rows, {role['trained']} trained this checkpoint and {role['chose_the_epoch']} "
+              "chose its epoch (its split.csv): not a held-out figure", file=sys.stderr)
     out["per_generator"] = {
         g: iqa_metrics(pred[idx], df["mos"].to_numpy()[idx])
         for g, idx in df.groupby("generator").indices.items()
     }
     out["predictions"] = dict(zip(df["image_id"], map(float, pred)))
     return out
+
+
+def played_a_role(model: str, image_ids: pd.Series) -> dict | None:
+    """How many of the rows scored trained the checkpoint or chose its epoch, by the split.csv that jobs.train
+    leaves beside the weights (shipped checkpoints carry theirs); None where there is none."""
+    from ma_agiqa.checkpoint import checkpoint_dir
+
+    directory = checkpoint_dir(model)
+    if directory is None or not (directory / "split.csv").is_file():
+        return None
+    parts = pd.read_csv(directory / "split.csv", dtype={"image_id": str})
+    ids = set(image_ids)
+    count = lambda part: int(parts.loc[parts["split"] == part, "image_id"].isin(ids).sum())  # noqa: E731
+    return {"trained": count("train"), "chose_the_epoch": count("val")}
 
 
 def main(argv=None) -> int:

@@ -71,11 +71,12 @@ def parse_args(argv=None):
     p.add_argument("--target", default="quality", help="quality; agiqa3k: or align; aigciqa2023: or authenticity, correspondence")
     p.add_argument("--model", required=True, help="a registered config or a checkpoint directory to fine-tune")
     p.add_argument("--output", required=True)
-    p.add_argument("--split", choices=["label", "random", "reference"], default=None,
+    p.add_argument("--split", choices=["label", "random", "reference", "all"], default=None,
                    help="label: the label file's (or --split-file's) split column; random: seeded (--split-seed, "
                         "--val-fraction, --test-fraction); reference: MA-AGIQA's random.seed(20) 70/10/20 train / val "
-                        "/ test (with --split-seed S, seeded with S). Default: random with --split-seed or --repeats, "
-                        "else label")
+                        "/ test (with --split-seed S, seeded with S); all: every labelled image trains, no val part, "
+                        "the last of --epochs kept (fix the epoch count with split runs first). Default: random with "
+                        "--split-seed or --repeats, else label")
     p.add_argument("--val-fraction", type=float, default=0.2, help="random splits: the val part's fraction")
     p.add_argument("--test-fraction", type=float, default=0.0,
                    help="random splits: hold out this fraction as a test part, reported after training (0: no test "

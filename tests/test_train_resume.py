@@ -242,3 +242,41 @@ def test_epochs_below_one_are_refused_and_a_zero_rate_is_used_as_given(three_gen
     saved = load_file(str(out / "model.safetensors"))
     trained = [k for k, p in initial.items() if p.requires_grad]
     assert trained and all(torch.equal(saved[k], initial[k].detach()) for k in trained)
+
+
+def test_split_all_trains_on_every_labelled_image_and_keeps_the_last_epoch(three_generators, tmp_path):
+    """The shipped weights' run (--split all): no val part to choose an epoch, so the last of --epochs is kept,
+    and a stopped run resumes to it as a run with val does."""
+    from jobs import train
+    from ma_agiqa.training import predict
+    from ma_agiqa.training import train as train_model
+
+    root, out = three_generators, tmp_path / "all"
+    common = ["--data-root", str(root), "--model", "ma-agiqa-offline-quality", "--cache-dir", str(tmp_path / "cache"),
+              "--batch-size", "4", "--no-progress"]
+    assert train.main(common + ["--output", str(out), "--split", "all", "--epochs", "3"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["split"], metrics["n_train"], metrics["n_val"], metrics["n_test"]) == ("all", 12, 0, 0)
+    assert metrics["best_epoch"] == 3 and [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    assert all(h["val_srcc"] is None for h in metrics["history"]) and metrics["test"] is None
+    assert set(pd.read_csv(out / "split.csv")["split"]) == {"train"}
+    from jobs import evaluate
+
+    ev = evaluate.evaluate(evaluate.parse_args(["--model", str(out), "--data-root", str(root), "--split", "all",
+                                                "--cache-dir", str(tmp_path / "cache")]))
+    assert ev["n"] == 12 and ev["played_a_role"] == {"trained": 12, "chose_the_epoch": 0}  # says it is no held-out figure
+    for extra, refusal in ((["--repeats", "2"], "one split"), (["--split-seed", "3"], "one split")):
+        with pytest.raises(SystemExit, match=refusal):
+            train.main(common + ["--output", str(tmp_path / "x"), "--split", "all", *extra])
+
+    cfg = fresh_model().cfg
+    train_in, probe = tiny_inputs(cfg, 10, 1), tiny_inputs(cfg, 6, 2)
+    whole = fresh_model()
+    result = train_model(whole, train_in, None, log=lambda _: None)
+    assert result["best_epoch"] == 3  # the last, not the best by anything
+    state = tmp_path / "train_state.pt"
+    train_model(fresh_model(), train_in, None, log=lambda _: None, state_path=state, stop_after=2)
+    resumed = fresh_model()
+    again = train_model(resumed, train_in, None, log=lambda _: None, state_path=state)
+    assert again["finished"] and without_time(again["history"]) == without_time(result["history"])
+    np.testing.assert_array_equal(predict(resumed, probe), predict(whole, probe))

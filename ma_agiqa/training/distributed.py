@@ -58,7 +58,7 @@ def train_worker(config: dict) -> None:
         ray.train.report(metrics)
 
 
-def train_distributed(model_ref: str, train_overrides: dict, train_in: Inputs, val_in: Inputs, output: Path,
+def train_distributed(model_ref: str, train_overrides: dict, train_in: Inputs, val_in: Inputs | None, output: Path,
                       workers: int, use_gpu: bool = False, storage: str | None = None,
                       model_overrides: dict | None = None) -> dict:
     """Runs ``train_worker`` on ``workers`` Ray Train workers (the Ray cluster of the caller) and copies the

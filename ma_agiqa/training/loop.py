@@ -92,7 +92,7 @@ def _scheduler(opt, t, steps_per_epoch: int):
 TERMS_ADDED_SINCE_STATES = ("plcc_loss", "rank_loss")
 
 
-def run_key(model, train_in: Inputs, val_in: Inputs) -> str:
+def run_key(model, train_in: Inputs, val_in: Inputs | None) -> str:
     """What a saved training state must match to be resumed: the config (training settings included) and
     the targets of both parts, in order (so another split or label file is another run)."""
     cfg = model.cfg.to_dict()
@@ -101,7 +101,8 @@ def run_key(model, train_in: Inputs, val_in: Inputs) -> str:
             cfg["train"].pop(name, None)
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(np.ascontiguousarray(train_in.mos).tobytes())
-    h.update(np.ascontiguousarray(val_in.mos).tobytes())
+    if val_in is not None:
+        h.update(np.ascontiguousarray(val_in.mos).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -111,10 +112,11 @@ def _save_state(path: Path, state: dict) -> None:
     tmp.replace(path)  # a kill mid-write leaves the previous epoch's state
 
 
-def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, world: int = 1,
+def train(model, train_in: Inputs, val_in: Inputs | None, log=print, rank: int = 0, world: int = 1,
           state_path: str | Path | None = None, progress: bool | None = False, stop_after: int | None = None,
           parallel=None) -> dict:
-    """Trains the trainable parts of ``model`` in place; keeps the epoch with the best val SRCC + PLCC.
+    """Trains the trainable parts of ``model`` in place; keeps the epoch with the best val SRCC + PLCC, or
+    without val rows (``val_in`` None: a run on all labelled data) the last epoch.
 
     Expert dropout: with a prompt expert, each training image's prompt is marked absent with probability
     ``cfg.train.drop_prompt`` (the same ``present`` mask as an image scored without a prompt), so that the
@@ -220,16 +222,20 @@ def train(model, train_in: Inputs, val_in: Inputs, log=print, rank: int = 0, wor
             losses = _sum_array(np.asarray(losses, np.float64))
         # train metrics from the epoch's own (augmented, train-mode) predictions: a second pass over the
         # training set would cost a third of an epoch
-        val_pred = predict(model, val_in)
-        tm, vm = iqa_metrics(train_pred, train_in.mos), iqa_metrics(val_pred, val_in.mos)
-        bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_srcc=f"{vm['srcc']:.4f}", val_plcc=f"{vm['plcc']:.4f}")
+        tm = iqa_metrics(train_pred, train_in.mos)
+        if val_in is not None:
+            vm = iqa_metrics(predict(model, val_in), val_in.mos)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_srcc=f"{vm['srcc']:.4f}", val_plcc=f"{vm['plcc']:.4f}")
+        else:
+            vm = dict.fromkeys(("srcc", "plcc", "krcc", "rmse"))
         bar.close()
         row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "train_srcc": tm["srcc"], "train_plcc": tm["plcc"],
                "val_srcc": vm["srcc"], "val_plcc": vm["plcc"], "val_krcc": vm["krcc"], "val_rmse": vm["rmse"],
                "seconds": round(time.time() - started, 1)}
         history.append(row)
         log(json.dumps(row))
-        quality = float(np.nan_to_num(vm["srcc"] + vm["plcc"], nan=-np.inf))  # constant predictions give NaN
+        # constant predictions give NaN; without val rows every epoch is the best so far (the last is kept)
+        quality = float(np.nan_to_num(vm["srcc"] + vm["plcc"], nan=-np.inf)) if val_in is not None else float(epoch)
         if best_state is None or quality > best:
             best, best_epoch = quality, epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -37,6 +37,8 @@ def splits(args, df: pd.DataFrame, repeat: int):
             return generator_split(df, args.test_generator, args.split_seed or 0, args.val_fraction)
         except ValueError as e:
             raise TrainingRunError(f"--test-generator {e}")
+    if scheme == "all":  # the shipped weights' run: every labelled image trains, for a fixed epoch count
+        return df, df.iloc[:0], df.iloc[:0]
     if args.test_fraction and scheme != "random":
         raise TrainingRunError("--test-fraction applies to --split random (the reference split has its own 20 % test)")
     if args.split_file:
@@ -171,7 +173,7 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
     model = create_model(args.model, with_semantic=False, shipped=False, **overrides)
     t = apply_train_args(model.cfg.train, args)
     train_in, stats_train = prepare(model, args.model, train_df, args.cache_dir, args.address)
-    val_in, stats_val = prepare(model, args.model, val_df, args.cache_dir, args.address)
+    val_in, stats_val = prepare(model, args.model, val_df, args.cache_dir, args.address) if len(val_df) else (None, {})
     test_in, stats_test = prepare(model, args.model, test_df, args.cache_dir, args.address) if len(test_df) else (None, {})
     if args.workers > 1:
         import ray
@@ -229,6 +231,9 @@ def run_training(args) -> dict:
     if sum([args.repeats > 1, args.test_generator is not None, args.each_generator]) > 1:
         raise TrainingRunError("--repeats, --test-generator and --each-generator choose the split each their own way: "
                                "use one of them")
+    if args.split == "all" and (args.repeats > 1 or args.split_file or args.split_seed is not None or args.test_fraction):
+        raise TrainingRunError("--split all trains on every labelled image, one split: drop --repeats, --split-file, "
+                               "--split-seed and --test-fraction (vary --seed for runs that differ)")
     if (args.test_generator is not None or args.each_generator) and (args.split or args.split_file or args.test_fraction):
         raise TrainingRunError("--test-generator and --each-generator make their own split (the generator's images as "
                                "test, --val-fraction of the others' as val): drop --split, --split-file and --test-fraction")
