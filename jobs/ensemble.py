@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def parse_args(argv=None):
@@ -38,47 +39,54 @@ def parse_args(argv=None):
     return args
 
 
-def pooled_stats(model, df):
-    """[N, 2C] float64: what the model's forward pools each image's backbone map to (from the feature cache)."""
-    import numpy as np
-    import torch
-
-    from ma_agiqa.tiny import cache_dir
-    from ma_agiqa.training import backbone_features
-
-    maps, _, _ = backbone_features(model, df, cache_dir() / "features")
-    out = [model.quality.pooled_stats(torch.from_numpy(maps[i : i + 256]).float()).numpy() for i in range(0, len(df), 256)]
-    return np.concatenate(out).astype(np.float64)
-
-
 def run(args) -> dict:
     import pandas as pd
 
     from ma_agiqa import create_model
+    from ma_agiqa.checkpoint import checkpoint_dir
     from ma_agiqa.datasets import load_dataset
     from ma_agiqa.ensemble import fit_probe, fit_ridge
     from ma_agiqa.model import assemble_ensemble
+    from ma_agiqa.training import pooled_backbone_stats
 
     members = [create_model(m, with_semantic=False) for m in args.member]
     out = {"members": [m.model_id for m in members]}
-    probe = None
+    probe, roles = None, [member_roles(checkpoint_dir(m)) for m in args.member]
     if args.probe:
         df = load_dataset(args.dataset, args.data_root, args.labels)
         if args.split_file:
             s = pd.read_csv(args.split_file, dtype={"image_id": str})[["image_id", "split"]]
             df = df.drop(columns="split").merge(s, on="image_id", how="inner")
         train = df[df["split"].isin(["train", "val"] if args.fit_on == "train+val" else ["train"])].reset_index(drop=True)
-        x, y = pooled_stats(members[0], train), train["mos"].to_numpy()
+        x, y = pooled_backbone_stats(members[0], train), train["mos"].to_numpy()
+        roles.append(pd.DataFrame({"image_id": train["image_id"], "split": "train"}))
         if args.probe_alpha is not None:
             probe, alpha = fit_ridge(x, y, args.probe_alpha), args.probe_alpha
         else:
             val = df[df["split"] == "val"].reset_index(drop=True)
-            probe, alpha = fit_probe(x, y, pooled_stats(members[0], val), val["mos"].to_numpy())
+            probe, alpha = fit_probe(x, y, pooled_backbone_stats(members[0], val), val["mos"].to_numpy())
+            roles.append(pd.DataFrame({"image_id": val["image_id"], "split": "val"}))
         out.update({"probe_alpha": alpha, "probe_fitted_on": len(train)})
     model = assemble_ensemble(members, probe, args.probe_weight, args.name)
     model.save_pretrained(args.output)
+    known = [r for r in roles if r is not None]
+    if len(known) == len(roles):  # every part's rows known: the ensemble's split.csv, for jobs.evaluate's note
+        merged = pd.concat(known, ignore_index=True)
+        merged["split"] = pd.Categorical(merged["split"], ["train", "val"], ordered=True)
+        merged.sort_values("split").drop_duplicates("image_id").to_csv(Path(args.output) / "split.csv", index=False)
     out.update({"output": args.output, "model": model.model_id, "heads": len(members)})
     return out
+
+
+def member_roles(directory):
+    """A member's rows that trained it (train) or chose its epoch (val), from its split.csv (its test rows
+    played no role); None where it has none."""
+    import pandas as pd
+
+    if directory is None or not (directory / "split.csv").is_file():
+        return None
+    parts = pd.read_csv(directory / "split.csv", dtype={"image_id": str})
+    return parts[parts["split"].isin(["train", "val"])]
 
 
 def main(argv=None) -> int:

@@ -3,8 +3,10 @@ saved, loaded through ``from_pretrained`` and scored through jobs.score, give th
 apart; a single-head config's data and id are what they were."""
 import dataclasses
 import json
+import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from ma_agiqa.config import EnsembleConfig
 from ma_agiqa.ensemble import fit_ridge
 from ma_agiqa.model import assemble_ensemble
 from ma_agiqa.model import from_pretrained
+from ma_agiqa.training import pooled_backbone_stats
 
 
 def small_model():
@@ -105,9 +108,20 @@ def test_jobs_ensemble_fits_the_probe_on_the_train_rows_only(parts, tmp_path):
     df = load_dataset("agiqa3k", str(SAMPLE))
     train = df[df["split"] == "train"].reset_index(drop=True)
     assert out["probe_fitted_on"] == len(train) < len(df)
-    x = ensemble.pooled_stats(model, train)
+    x = pooled_backbone_stats(model, train)
     expected = fit_ridge(x, train["mos"].to_numpy(), 10.0)
     np.testing.assert_allclose(model.probe.weight.numpy(), expected[2], rtol=1e-4, atol=1e-5)
+    assert not (tmp_path / "e" / "split.csv").exists()  # its members' rows are not known
+
+    # members with their runs' split.csv: the ensemble's says which rows trained any part (train wins over val)
+    # or chose something (val); a member's test rows played no role
+    for name, rows in (("a", {"x1": "train", "x2": "val", "x3": "test"}), ("b", {"x2": "train", "x4": "val"})):
+        shutil.copytree(parts["dir"].parent / name, tmp_path / name)
+        pd.DataFrame({"image_id": list(rows), "split": list(rows.values())}).to_csv(tmp_path / name / "split.csv", index=False)
+    ensemble.run(ensemble.parse_args(["--member", str(tmp_path / "a"), "--member", str(tmp_path / "b"),
+                                      "--output", str(tmp_path / "g")]))
+    roles = pd.read_csv(tmp_path / "g" / "split.csv")
+    assert dict(zip(roles["image_id"], roles["split"])) == {"x1": "train", "x2": "train", "x4": "val"}
     with pytest.raises(SystemExit):  # nothing left to choose the strength on
         ensemble.parse_args(["--member", members[0], "--probe", "--data-root", str(SAMPLE), "--fit-on", "train+val",
                              "--output", str(tmp_path / "f")])

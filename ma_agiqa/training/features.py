@@ -175,3 +175,11 @@ def prepare(model, model_ref: str, df: pd.DataFrame, root: Path | None = None, a
     if model.prompt_encoder is not None:
         inputs.prompt, inputs.prompt_present = prompt_features(model, df)
     return inputs, stats
+
+
+def pooled_backbone_stats(model, df: pd.DataFrame, root: Path | None = None) -> np.ndarray:
+    """[N, 2C] float64: each row's backbone map pooled as the model's forward pools it for its stats expert or
+    probe (each channel's mean and std), from the feature cache: what a ridge probe is fitted on."""
+    maps, _, _ = backbone_features(model, df, Path(root) if root else cache_dir() / "features")
+    out = [model.quality.pooled_stats(torch.from_numpy(maps[i : i + 256]).float()).numpy() for i in range(0, len(df), 256)]
+    return np.concatenate(out).astype(np.float64)
