@@ -315,3 +315,13 @@ def test_ctrl_c_ends_with_one_line_and_the_resume_hint(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "run the same command again to resume" in err
+
+
+@pytest.mark.parametrize("job", ["score", "filter", "report", "train"])
+def test_a_job_run_without_the_project_installed_says_so_in_one_line(job):
+    """-S: an interpreter without site-packages, as a user's system Python without `pip install -e .`."""
+    proc = subprocess.run([sys.executable, "-S", "-m", f"jobs.{job}", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lacks" in lines[0] and "ray" in lines[0] and "pip install -e ." in lines[0]
