@@ -155,6 +155,7 @@ class Sample:
 
     key: str
     image_member: str | None = None
+    image_plain: bool = False  # the image member's extension is an image suffix alone (jpg), not seg.jpg
     image: bytes | None = None  # only when read with keep_images
     txt: str | None = None
     json: dict = field(default_factory=dict)
@@ -170,8 +171,8 @@ def sample_key(member: str) -> tuple[str, str]:
 
 def tar_samples(shard: str, keep_images: bool, max_bytes: int) -> Iterator[Sample]:
     """The samples of a tar shard in the order of its members (consecutive members of one key are one
-    sample). The image is the sample's first member with an image extension (the last part of it: ``jpg``,
-    ``seg.png``); ``txt`` its ``.txt`` member, ``json`` its ``.json`` member. The shard is streamed once (one
+    sample). The image is the sample's first member with a plain image extension (``jpg``, ``png``), else its
+    first with a compound one (``seg.png``: the last part decides); ``txt`` its ``.txt`` member, ``json`` its ``.json`` member. The shard is streamed once (one
     GET on an object store); member bytes are read even when not kept, so the driver's pass and a read task
     see the same members and the same failures. A shard that cannot be opened or breaks off yields one last
     Sample with key None and the error: the samples before the break are kept."""
@@ -187,8 +188,11 @@ def tar_samples(shard: str, keep_images: bool, max_bytes: int) -> Iterator[Sampl
                         yield _finish(current, shard)
                     current = Sample(key)
                 last = ext.rsplit(".", 1)[-1]
-                if last in IMAGE_SUFFIXES and current.image_member is None:
-                    current.image_member = info.name
+                # a plain image extension (jpg) wins over a compound one (mask.png, seg.jpg: a mask, a depth map)
+                # whatever their order in the tar
+                if last in IMAGE_SUFFIXES and (current.image_member is None or (ext == last and not current.image_plain)):
+                    current.image_member, current.image_plain, current.image = info.name, ext == last, None
+                    current.error = None if current.error and current.error.startswith("too_large") else current.error
                     if info.size > max_bytes:
                         current.error = (f"too_large: {info.name} in {redact(shard)} is {info.size} bytes, over the limit "
                                          f"of {max_bytes} (--max-bytes)")

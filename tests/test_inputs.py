@@ -256,3 +256,32 @@ def test_each_kind_on_s3(local_ray_s3, bucket, tmp_path):
     table = read_table(f"{BUCKET}/folder-scores", filesystem=fs)
     assert dict(zip(table["image_id"].to_pylist(), table["prompt"].to_pylist())) == {
         "a.jpg": "a txt prompt", "b.jpg": "a json caption", "e.jpg": None, "bad.jpg": None}
+
+
+def test_a_samples_plain_image_member_wins_over_a_mask_whatever_the_tar_order(tmp_path):
+    from ma_agiqa.sources import tar_samples
+
+    def png(color):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), color).save(buf, "PNG")
+        return buf.getvalue()
+
+    noise = io.BytesIO()
+    Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48).save(noise, "PNG")  # a mask larger than the images
+    members = [("a.mask.png", noise.getvalue()), ("a.jpg", png("red")), ("a.txt", b"a cat"),
+               ("b.seg.png", png("blue")), ("c.png", png("green")), ("c.depth.png", png("white"))]
+    shard = tmp_path / "000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples = {s.key: s for s in tar_samples(str(shard), keep_images=True, max_bytes=1 << 20)}
+    assert {k: s.image_member for k, s in samples.items()} == {"a": "a.jpg", "b": "b.seg.png", "c": "c.png"}
+    assert samples["a"].image == dict(members)["a.jpg"] and samples["a"].txt == "a cat"
+    assert samples["c"].image == dict(members)["c.png"] and not any(s.error for s in samples.values())
+    # a too-large mask does not fail the sample whose plain image comes after it
+    limit = len(png("red"))
+    assert len(noise.getvalue()) > limit
+    tight = {s.key: s for s in tar_samples(str(shard), keep_images=True, max_bytes=limit)}
+    assert tight["a"].error is None and tight["a"].image_member == "a.jpg" and tight["a"].image == dict(members)["a.jpg"]
