@@ -1,8 +1,11 @@
 """What the Ray Data benchmarks share: their images and a quiet local Ray (not a benchmark itself)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,3 +32,21 @@ def start_local_ray() -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@contextlib.contextmanager
+def local_run(n: int, smoke: bool, prefix: str):
+    """(the first ``n`` images, a new work folder) on a new quiet local Ray; the folder and the Ray are gone
+    afterwards. SystemExit(2) where the images are missing."""
+    images = pick_images(n, smoke)
+    if images is None:
+        raise SystemExit(2)
+    import ray
+
+    start_local_ray()
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield images, work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        ray.shutdown()

@@ -17,9 +17,7 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ma_agiqa.export import FORMATS, run_export  # noqa: E402
-from _common import pick_images, start_local_ray  # noqa: E402
+from _common import local_run  # noqa: E402
 
 
 
@@ -60,14 +58,9 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="8 sample images, shards of 3: checks that it runs")
     args = p.parse_args(argv)
     n, shard_size = (8, 3) if args.smoke else (args.images, args.shard_size)
-    images = pick_images(n, args.smoke)
-    if images is None:
-        return 2
     import ray
 
-    start_local_ray()
-    work = Path(tempfile.mkdtemp(prefix="export-bench-"))
-    try:
+    with local_run(n, args.smoke, "export-bench-") as (images, work):
         kept_table(images, work / "kept.parquet")
         image_mb = sum(p.stat().st_size for p in images) / 2**20
         kept_table(images[:2], work / "warmup.parquet")
@@ -88,9 +81,6 @@ def main(argv=None) -> int:
             print(f"{fmt:>10}: {n / elapsed:8.1f} rows/s  {image_mb / elapsed:6.1f} MB/s  {elapsed:6.2f} s  "
                   f"{summary['shards']} shards  driver peak RSS {peak_rss_mb():.0f} MB (before: {baseline:.0f} MB)", flush=True)
         print(json.dumps(results, indent=2))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        ray.shutdown()
     return 0
 
 

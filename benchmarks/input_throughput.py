@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import shutil
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ma_agiqa.scoring import ScoreRequest, score  # noqa: E402
-from _common import pick_images, start_local_ray  # noqa: E402
+from _common import local_run  # noqa: E402
 
 
 
@@ -69,14 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="8 sample images, shards of 3, row groups of 2: checks that it runs")
     args = p.parse_args(argv)
     n, shard_size, row_group = (8, 3, 2) if args.smoke else (args.images, args.shard_size, args.row_group)
-    images = pick_images(n, args.smoke)
-    if images is None:
-        return 2
-    import ray
-
-    start_local_ray()
-    work = Path(tempfile.mkdtemp(prefix="input-bench-"))
-    try:
+    with local_run(n, args.smoke, "input-bench-") as (images, work):
         inputs = write_inputs(images, work, shard_size, row_group)
         warm = work / "warmup.jsonl"
         warm.write_text("".join(json.dumps({"uri": str(p)}) + "\n" for p in images[:2]))
@@ -98,9 +89,6 @@ def main(argv=None) -> int:
         for kind, r in result["kinds"].items():
             r["vs_files"] = round(r["wall_rows_per_s"] / base, 2)
         print(json.dumps(result, indent=2))
-    finally:
-        ray.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
