@@ -6,6 +6,7 @@ import importlib
 import io
 import json
 import os
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -113,3 +114,16 @@ def s3_bucket(s3_server: dict, bucket: str, images: dict[str, bytes] | None = No
     for key, data in (images or {}).items():
         fs.pipe(f"{bucket}/{key}", data)
     return fs
+
+
+def copied_sample_images(directory: Path, copies: int) -> list[str]:
+    """``copies`` copies of each of the 40 sample images in ``directory`` (created), under names of their own
+    (``K_NAME``): a run long enough for a kill to land mid-way, every file a real one inside the image root.
+    Returns the names, in order."""
+    directory.mkdir(parents=True)
+    names = []
+    for k in range(copies):
+        for src in sorted((SAMPLE / "images").iterdir()):
+            names.append(f"{k}_{src.name}")
+            shutil.copyfile(src, directory / names[-1])
+    return names

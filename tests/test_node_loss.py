@@ -3,7 +3,6 @@ the local output is shared storage: --shared-filesystem), the worker's raylet is
 written a part. The job either survives it or is re-run once; then the table holds every row exactly once."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,19 +11,14 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from helpers import SAMPLE
+from helpers import copied_sample_images
 from ma_agiqa.score_table import read_scores
 from ray_clusters import REPO, command_line, env, free_port, kill_session, session_pids, start_node
 
 
 def test_a_worker_node_lost_mid_run_costs_at_most_one_re_run(tmp_path):
     images = tmp_path / "images"
-    images.mkdir()
-    names = []
-    for k in range(3):
-        for src in sorted((SAMPLE / "images").iterdir()):
-            names.append(f"{k}_{src.name}")
-            shutil.copyfile(src, images / names[-1])
+    names = copied_sample_images(images, 3)
     pq.write_table(pa.table({"uri": names}), tmp_path / "manifest.parquet")
     port = free_port()
     address = f"127.0.0.1:{port}"

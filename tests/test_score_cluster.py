@@ -2,7 +2,6 @@
 `ray start --head` cluster. Each test starts its own Ray processes and kills all of them after."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -10,21 +9,16 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from helpers import REPO, read_table, sample_rows
+from helpers import REPO, copied_sample_images, read_table, sample_rows
 from ray_clusters import env, free_port, kill_session
 from ma_agiqa.schema import validate_score_table
 
 
-def test_killed_run_resumes_to_a_complete_table_without_duplicates(agiqa_sample, tmp_path):
+def test_killed_run_resumes_to_a_complete_table_without_duplicates(tmp_path):
     # 160 distinct images: four copies of each of the 40 sample images under names of their own (long enough a
     # run for the kill to land mid-way; copies, not links, so that every file lies inside the image root)
     images = tmp_path / "images"
-    images.mkdir()
-    names = []
-    for k in range(4):
-        for src in sorted((agiqa_sample / "images").iterdir()):
-            names.append(f"{k}_{src.name}")
-            shutil.copyfile(src, images / names[-1])
+    names = copied_sample_images(images, 4)
     assert len(names) == len(set(names)) == 160
     pq.write_table(pa.table({"uri": names}), tmp_path / "manifest.parquet")
     out = tmp_path / "scores"

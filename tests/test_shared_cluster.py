@@ -5,7 +5,6 @@ SIGTERM as `ray job stop` sends) the cluster holds no actor, placement group or 
 one table at once keep one current row per image and a summary each. One cluster for the whole module: its
 start costs seconds, and the jobs' leftovers are exactly what is checked between them."""
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import SAMPLE, sample_rows
+from helpers import SAMPLE, copied_sample_images, sample_rows
 from ma_agiqa.score_table import read_scores
 from ray_clusters import REPO, connected, env, free_port, kill_session, start_node, wait_for_nothing_left, wait_for_text
 
@@ -159,12 +158,7 @@ def test_exit_3_an_exception_and_ctrl_c_leave_nothing_behind(cluster, tmp_path):
 
     # Ctrl-C mid-run, once the actors have written a part
     images = tmp_path / "images"
-    images.mkdir()
-    names = []
-    for k in range(4):
-        for src in sorted((SAMPLE / "images").iterdir()):
-            names.append(f"{k}_{src.name}")
-            shutil.copyfile(src, images / names[-1])
+    names = copied_sample_images(images, 4)
     pq.write_table(pa.table({"uri": names}), tmp_path / "many.parquet")
     out, log = tmp_path / "interrupted", tmp_path / "sigint.log"
     proc = job(cluster, log, "--output", out, "--quality-actors", 2, "--rows-per-file", 4,
