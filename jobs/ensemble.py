@@ -30,6 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--probe-alpha", type=float, default=None, help="the ridge strength (required with --fit-on train+val)")
     p.add_argument("--probe-weight", type=float, default=0.5, help="the probe's weight against the heads' mean")
     p.add_argument("--name", default=None, help="the config name (default: the first member's)")
+    p.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/ma_agiqa/features)")
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
     if args.probe and args.data_root is None:
@@ -58,13 +59,13 @@ def run(args) -> dict:
             s = pd.read_csv(args.split_file, dtype={"image_id": str})[["image_id", "split"]]
             df = df.drop(columns="split").merge(s, on="image_id", how="inner")
         train = df[df["split"].isin(["train", "val"] if args.fit_on == "train+val" else ["train"])].reset_index(drop=True)
-        x, y = pooled_backbone_stats(members[0], train), train["mos"].to_numpy()
+        x, y = pooled_backbone_stats(members[0], train, args.cache_dir), train["mos"].to_numpy()
         roles.append(pd.DataFrame({"image_id": train["image_id"], "split": "train"}))
         if args.probe_alpha is not None:
             probe, alpha = fit_ridge(x, y, args.probe_alpha), args.probe_alpha
         else:
             val = df[df["split"] == "val"].reset_index(drop=True)
-            probe, alpha = fit_probe(x, y, pooled_backbone_stats(members[0], val), val["mos"].to_numpy())
+            probe, alpha = fit_probe(x, y, pooled_backbone_stats(members[0], val, args.cache_dir), val["mos"].to_numpy())
             roles.append(pd.DataFrame({"image_id": val["image_id"], "split": "val"}))
         out.update({"probe_alpha": alpha, "probe_fitted_on": len(train)})
     model = assemble_ensemble(members, probe, args.probe_weight, args.name)

@@ -85,6 +85,9 @@ def parse_args(argv=None):
                    help="change a field of a registered config's quality branch or MoE before training, e.g. "
                         "quality.stage_conv=true, quality.views.antialias=false, moe.gate=linear (values as JSON)")
     p.add_argument("--split-file", default=None, help="CSV with image_id,split columns")
+    p.add_argument("--probe-alpha", type=float, default=None,
+                   help="a config with ensemble.probe: the probe's ridge strength (default: chosen on the val rows; "
+                        "required with --split all)")
     p.add_argument("--split-seed", type=int, default=None, help="seeded random split instead of the label file's")
     p.add_argument("--split-by-prompt", action="store_true", help="no prompt on both sides of the split")
     # Training options: None is the config's value; any value given, 0 included, is used as given.

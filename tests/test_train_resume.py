@@ -280,3 +280,48 @@ def test_split_all_trains_on_every_labelled_image_and_keeps_the_last_epoch(three
     again = train_model(resumed, train_in, None, log=lambda _: None, state_path=state)
     assert again["finished"] and without_time(again["history"]) == without_time(result["history"])
     np.testing.assert_array_equal(predict(resumed, probe), predict(whole, probe))
+
+
+def test_an_ensemble_config_trains_its_heads_and_probe_in_one_command(three_generators, tmp_path):
+    """--set ensemble.heads=2 --set ensemble.probe=true: two heads of seeds S and S + 1 (each a run of its own,
+    the first the plain run), the probe fitted on the train rows, one checkpoint that from_pretrained loads and
+    whose val figure is the assembled model's."""
+    from jobs import ensemble as ensemble_job
+    from jobs import evaluate, train
+    from ma_agiqa import from_pretrained
+    from ma_agiqa.training import predict
+
+    root, cache = three_generators, tmp_path / "cache"
+    common = ["--data-root", str(root), "--model", "ma-agiqa-offline-quality", "--cache-dir", str(cache),
+              "--batch-size", "4", "--epochs", "2", "--split-seed", "1", "--val-fraction", "0.34", "--no-progress"]
+    out = tmp_path / "k2"
+    assert train.main(common + ["--output", str(out), "--set", "ensemble.heads=2", "--set", "ensemble.probe=true"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    model = from_pretrained(out, with_semantic=False)
+    assert (model.cfg.ensemble.heads, model.cfg.ensemble.probe) == (2, True)
+    assert [h["seed"] for h in metrics["heads"]] == [20, 21] and metrics["probe_alpha"] is not None
+    plain = tmp_path / "plain"
+    assert train.main(common + ["--output", str(plain)]) == 0
+    from ma_agiqa.training import Inputs
+
+    size = model.cfg.quality.views.size  # head 0 is the plain run (to rounding: one of the two computed the maps)
+    probe = Inputs(mos=np.zeros(3, np.float32),
+                   pixels=np.random.default_rng(3).integers(0, 256, (3, 1, 3, size, size), dtype=np.uint8))
+    np.testing.assert_allclose(predict(from_pretrained(out / "head-0", with_semantic=False), probe),
+                               predict(from_pretrained(plain, with_semantic=False), probe), atol=1e-4)
+    # the same as assembling the two runs by hand, with the strength the run chose
+    by_hand = tmp_path / "by-hand"
+    ensemble_job.run(ensemble_job.parse_args(["--member", str(out / "head-0"), "--member", str(out / "head-1"), "--probe",
+                                              "--probe-alpha", str(metrics["probe_alpha"]), "--data-root", str(root),
+                                              "--split-file", str(out / "split.csv"), "--cache-dir", str(cache),
+                                              "--output", str(by_hand)]))
+    assert from_pretrained(by_hand, with_semantic=False).model_id.split("@")[1] == model.model_id.split("@")[1]
+    ev = evaluate.evaluate(evaluate.parse_args(["--model", str(out), "--data-root", str(root), "--split", "val",
+                                                "--split-file", str(out / "split.csv"), "--cache-dir", str(cache)]))
+    assert ev["srcc"] == pytest.approx(metrics["best"]["val_srcc"], abs=1e-6)
+    # cheap checks first: refused before any head trains
+    for extra, refusal in ((["--split", "all"], "give --probe-alpha"), (["--backbone", "trainable"], "frozen backbone")):
+        with pytest.raises(SystemExit, match=refusal):
+            train.main([a for a in common if a not in ("--split-seed", "1", "--val-fraction", "0.34")] + extra +
+                       ["--output", str(tmp_path / "x"), "--set", "ensemble.probe=true"])
+        assert not (tmp_path / "x").exists()

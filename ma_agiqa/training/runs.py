@@ -91,7 +91,7 @@ def config_overrides(args) -> dict:
     from ma_agiqa.checkpoint import load_config
 
     cfg = load_config(args.model)
-    parts = {"quality": cfg.quality, "moe": cfg.moe}
+    parts = {"quality": cfg.quality, "moe": cfg.moe, "ensemble": cfg.ensemble}
     if args.backbone != "config":
         parts["quality"] = dataclasses.replace(parts["quality"], freeze_backbone=args.backbone == "frozen")
     if stages is not None:
@@ -104,13 +104,16 @@ def config_overrides(args) -> dict:
     for item in args.set:
         path, eq, text = item.partition("=")
         if not eq or path.split(".")[0] not in parts or "." not in path:
-            raise TrainingRunError(f"--set {item!r}: expected quality.FIELD=VALUE or moe.FIELD=VALUE")
+            raise TrainingRunError(f"--set {item!r}: expected quality.FIELD=VALUE, moe.FIELD=VALUE or ensemble.FIELD=VALUE")
         try:
             value = _json.loads(text)
         except ValueError:
             value = text
         top, *rest = path.split(".")
-        parts[top] = _set_field(parts[top], rest, value, item)
+        try:
+            parts[top] = _set_field(parts[top], rest, value, item)
+        except (TypeError, ValueError) as e:
+            raise TrainingRunError(f"--set {item}: {e}") from None
     return {k: v for k, v in parts.items() if v is not getattr(cfg, k)}
 
 
@@ -171,6 +174,8 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
     # A registered name trains from scratch, even where trained heads ship with it; a directory fine-tunes.
     overrides = config_overrides(args)
     model = create_model(args.model, with_semantic=False, shipped=False, **overrides)
+    if model.cfg.ensemble.heads > 1 or model.cfg.ensemble.probe:
+        return train_ensemble(args, df, output, repeat, model.cfg, settings, log)
     t = apply_train_args(model.cfg.train, args)
     train_in, stats_train = prepare(model, args.model, train_df, args.cache_dir, args.address)
     val_in, stats_val = prepare(model, args.model, val_df, args.cache_dir, args.address) if len(val_df) else (None, {})
@@ -213,6 +218,73 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
     return metrics
 
 
+def check_ensemble(args, ensemble, frozen: bool, scheme: str) -> None:
+    """Before any head trains: what an ensemble run needs."""
+    if not ensemble.heads > 1 and not ensemble.probe:
+        return
+    if not frozen:
+        raise TrainingRunError("an ensemble's heads and probe read one frozen backbone's maps: --backbone frozen, "
+                               "no --trainable-stages")
+    if ensemble.probe and scheme == "all" and args.probe_alpha is None:
+        raise TrainingRunError("--split all leaves no val rows to choose the probe's ridge strength on: "
+                               "give --probe-alpha (the split runs' choice)")
+
+
+def train_ensemble(args, df, output: Path, repeat: int, cfg, settings: dict, log) -> dict:
+    """A config with ``ensemble`` set, trained as its parts are: each head a run of its own on the same split
+    (the config without the ensemble, seeds S, S + 1, ...: ``output/head-K``, each resumable and reused once
+    finished), then the probe fitted on the train rows (its ridge strength chosen on val, or
+    ``--probe-alpha``), all assembled into one checkpoint in ``output`` and scored on val and test once."""
+    from ma_agiqa import create_model
+    from ma_agiqa.datasets import split_table
+    from ma_agiqa.ensemble import fit_probe, fit_ridge
+    from ma_agiqa.metrics import iqa_metrics
+    from ma_agiqa.model import assemble_ensemble
+    from ma_agiqa.training import pooled_backbone_stats, predict, prepare
+
+    ens = cfg.ensemble
+    check_ensemble(args, ens, cfg.quality.freeze_backbone and not cfg.quality.trainable_stages, split_scheme(args))
+    seed = cfg.train.seed if args.seed is None else args.seed
+    heads = []
+    for k in range(ens.heads):
+        one = copy.copy(args)
+        one.set, one.seed, one.probe_alpha = [*args.set, "ensemble.heads=1", "ensemble.probe=false"], seed + k, None
+        heads.append(train_once(one, df, output / f"head-{k}", repeat))
+    members = [create_model(str(output / f"head-{k}"), with_semantic=False) for k in range(ens.heads)]
+    train_df, val_df, test_df = splits(args, df, repeat)
+    if args.limit:
+        train_df, val_df, test_df = train_df.head(args.limit), val_df.head(args.limit), test_df.head(args.limit)
+    probe = alpha = None
+    if ens.probe:
+        x, y = pooled_backbone_stats(members[0], train_df, args.cache_dir), train_df["mos"].to_numpy()
+        if args.probe_alpha is not None:
+            probe, alpha = fit_ridge(x, y, args.probe_alpha), args.probe_alpha
+        else:
+            probe, alpha = fit_probe(x, y, pooled_backbone_stats(members[0], val_df, args.cache_dir), val_df["mos"].to_numpy())
+    model = assemble_ensemble(members, probe, ens.probe_weight, cfg.name)
+    model.save_pretrained(output)
+
+    def scored(part):
+        if not len(part):
+            return None
+        inputs, _ = prepare(model, args.model, part, args.cache_dir, args.address)
+        return iqa_metrics(predict(model, inputs), inputs.mos)
+
+    val, test = scored(val_df), scored(test_df)
+    best = {f"val_{k}": (val or {}).get(k) for k in ("srcc", "plcc", "krcc", "rmse")}
+    log(json.dumps({"ensemble": {"heads": ens.heads, "probe_alpha": alpha}, **best}))
+    split_table(train_df, val_df, test_df).to_csv(output / "split.csv", index=False)
+    metrics = {
+        "dataset": args.dataset, "model": args.model, "checkpoint": model.model_id, "workers": args.workers,
+        "split": split_scheme(args), "n_train": len(train_df), "n_val": len(val_df), "n_test": len(test_df),
+        "test": test, "best": best, "probe_alpha": alpha,
+        "heads": [{"seed": seed + k, "best_epoch": h["best_epoch"], **h["best"], "test": h["test"]} for k, h in enumerate(heads)],
+    }
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (output / "train_config.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
+    return metrics
+
+
 def summarise(runs: list[dict]) -> dict:
     keys = ["val_srcc", "val_plcc"] + (["test_srcc", "test_plcc", "test_krcc", "test_rmse"] if "test_srcc" in runs[0] else [])
     return {k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs),
@@ -246,6 +318,12 @@ def run_training(args) -> dict:
             check_data_parallel(model, apply_train_args(model.cfg.train, args), args.workers)
         except ValueError as e:
             raise TrainingRunError(str(e)) from None
+    from ..checkpoint import load_config
+
+    overrides, base = config_overrides(args), load_config(args.model)
+    quality = overrides.get("quality", base.quality)
+    check_ensemble(args, overrides.get("ensemble", base.ensemble), quality.freeze_backbone and not quality.trainable_stages,
+                   split_scheme(args))
     df = load_dataset(args.dataset, args.data_root, args.labels, args.target)
     output = Path(args.output)
     if args.each_generator:
