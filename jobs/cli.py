@@ -8,9 +8,26 @@ import sys
 from typing import Callable
 
 from ma_agiqa.curation import CurationError
+from ma_agiqa.errors import OutputError
 from ma_agiqa.manifests import ManifestError
 
-USER_ERRORS: tuple[type[Exception], ...] = (CurationError, ManifestError)
+USER_ERRORS: tuple[type[Exception], ...] = (CurationError, ManifestError, OutputError)
+
+
+def storage_errors() -> tuple[type[Exception], ...]:
+    """What storage raises when it fails mid-run (a dropped connection, a full disk, an object store's
+    refusal): said in one line with exit 3 (a failed run), as an unreachable endpoint is before the run."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
+
+
+def storage_failure(e: Exception) -> str:
+    from ma_agiqa.uris import redact_text
+
+    return f"error: storage failed: {type(e).__name__}: {redact_text(str(e))[:300]}"
 
 
 def run_and_report(args, run: Callable, where: Callable[[dict, object], str], errors=USER_ERRORS,
@@ -21,6 +38,9 @@ def run_and_report(args, run: Callable, where: Callable[[dict, object], str], er
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except storage_errors() as e:
+        print(storage_failure(e), file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         if interrupted is None:
             raise

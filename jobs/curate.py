@@ -23,7 +23,7 @@ from jobs.cli import USER_ERRORS, run_and_report
 from jobs.export import FORMATS, add_shard_size
 from jobs.filter import add_rule_args, rules_from
 from jobs.score import add_scoring_args, request_from
-from ma_agiqa.curation import SUMMARY_FILE, run_filter
+from ma_agiqa.curation import SUMMARY_FILE, check_filter_output, run_filter
 from ma_agiqa.export import run_export
 from ma_agiqa.scoring import JobConfigError, score
 from ma_agiqa.table_files import write_json
@@ -52,10 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args) -> dict:
-    rules = rules_from(args)  # bad rule options fail before any scoring
+    rules = rules_from(args)  # bad rule options and outputs fail before any scoring
+    check_filter_output(args.scores, args.output)
     scored = score(request_from(args, args.manifest, args.scores))
     extra = {"scoring": scored}
-    if args.compact:
+    if args.compact and scored.get("table_rows"):
         from ma_agiqa.compaction import compact
 
         extra["compaction"] = compact(args.scores, args.compact_rows_per_file, args.memory_limit)

@@ -51,7 +51,7 @@ def evaluate(args) -> dict:
         wanted = [args.split] if three_way or args.split == "train" else ["val", "test"]
         df = df[df["split"].isin(wanted)].reset_index(drop=True)
         if df.empty:
-            raise SystemExit(f"no {args.split} rows in the split")
+            raise EvaluationError(f"no {args.split} rows in the split")
     model = create_model(args.model, with_semantic=False)
     inputs, _ = prepare(model, args.model, df, args.cache_dir, args.address)
     pred = predict(model, inputs)
@@ -83,14 +83,34 @@ def played_a_role(model: str, image_ids: pd.Series) -> dict | None:
     return {"trained": count("train"), "chose_the_epoch": count("val")}
 
 
+class EvaluationError(ValueError):
+    """Options that select nothing to score: one line, exit 2."""
+
+
+def finite(value):
+    """NaN (a correlation over fewer than three images, or constant scores) as JSON's null: strict JSON
+    readers refuse NaN."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = evaluate(args)
-    text = json.dumps(out, indent=2)
+    try:
+        out = finite(evaluate(args))
+    except EvaluationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(out, indent=2, allow_nan=False)
     if args.output:
         with open(args.output, "w") as f:
             f.write(text + "\n")
-    print(json.dumps({k: v for k, v in out.items() if k != "predictions"}, indent=2))
+    print(json.dumps({k: v for k, v in out.items() if k != "predictions"}, indent=2, allow_nan=False))
     return 0
 
 

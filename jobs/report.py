@@ -33,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args) -> dict:
     import fsspec
 
+    from ma_agiqa.table_files import check_output_location
+
+    check_output_location(args.output, "--output", kind="file")  # before the table is read
     group_by = [c.strip() for c in args.group_by.split(",") if c.strip()] if args.group_by else None
     page, stats = build_report(args.scores, args.metadata, args.on, args.model, args.image_root, group_by,
                                args.prompt_column, args.thumbs_per_decile, args.thumb_size)

@@ -17,6 +17,7 @@ import sys
 import threading
 from dataclasses import fields
 
+from jobs.cli import storage_errors, storage_failure
 from ma_agiqa.errors import JobConfigError
 from ma_agiqa.manifests import ManifestError
 from ma_agiqa.scoring import SUMMARY_FILE, ScoreRequest, score
@@ -157,6 +158,8 @@ def show_extremes(output: str, model_id: str) -> None:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("botocore", "aiobotocore", "s3fs", "urllib3"):  # their INFO lines would bury the job's own
+        logging.getLogger(name).setLevel(logging.WARNING)
     args = parse_args(argv)
     try:
         with _Interrupts() as interrupts:
@@ -173,6 +176,10 @@ def main(argv=None) -> int:
         print(f"interrupted: the parts written so far are kept; run the same command again to resume into {redact(args.output)}",
               file=sys.stderr)
         return 130
+    except storage_errors() as e:
+        print(f"{storage_failure(e)}; the parts written so far are kept, run the same command again to resume",
+              file=sys.stderr)
+        return 3
     stopped = summary.get("stopped_early")
     if stopped and stopped["kind"] == NO_CUDA:  # a refusal, like a bad option: one line
         print(f"error: {stopped['reason']}", file=sys.stderr)

@@ -146,8 +146,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         result = run_training(args)
-    except TrainingRunError as e:
-        raise SystemExit(str(e)) from None
+    except TrainingRunError as e:  # options that cannot make a run: one line, exit 2, as argparse's refusals
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=2))
     return 0
 

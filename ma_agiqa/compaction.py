@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from .curation import scan
 from .score_table import current_rows_sql
 from .table_files import count_rows, duckdb_connection, part_uris
-from .uris import is_remote
+from .uris import is_remote, redact, redact_text
 
 DEFAULT_TARGET_BYTES = 512 << 20
 POSITIONS_BATCH = 1 << 20  # (_file, _row) pairs handed over by DuckDB at a time
@@ -125,11 +125,17 @@ def compact(table_uri: str, target_rows: int = 1_000_000, memory_limit: str | No
         raise ValueError(f"--target-rows-per-file must be at least 1, got {target_rows}")
     if target_bytes < 1:
         raise ValueError(f"--target-bytes-per-file must be at least 1, got {target_bytes}")
-    parts = part_uris(table_uri)
+    fs, path = fsspec.core.url_to_fs(table_uri)
+    try:
+        is_dir = fs.isdir(path)
+    except Exception as e:  # noqa: BLE001 - an endpoint that does not answer
+        raise ValueError(f"--table {redact(table_uri)} cannot be reached: {type(e).__name__}: {redact_text(str(e))[:200]}") from None
+    parts = part_uris(table_uri) if is_dir else []
+    if not parts:  # a typo in a scheduled compaction must not pass for a compacted table
+        raise ValueError(f"--table {redact(table_uri)} holds no score table (no part files"
+                         f"{'' if is_dir else '; no such directory'})")
     rows_before = count_rows(table_uri)
     summary = {"table": table_uri, "parts_before": len(parts), "rows_before": rows_before}
-    if not parts:
-        return {**summary, "parts_after": 0, "rows_after": 0, "superseded_removed": 0}
     if len(parts) == 1:
         current = duckdb_connection(parts, memory_limit=memory_limit).execute(
             f"SELECT count(*) FROM ({current_rows_sql(scan(parts))})").fetchone()[0]

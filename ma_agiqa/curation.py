@@ -31,7 +31,11 @@ import pyarrow as pa
 
 from .schema import CURRENT_ROW_ORDER, STATUS_OK, gate_column
 from .manifests import ID_COLUMNS, expand_manifest, image_ids, read_manifest_file
-from .table_files import duckdb_connection, duckdb_path, register_filesystems, remove_tree, write_json, write_part_atomically
+from .errors import OutputError
+from .table_files import (
+    check_output_location, duckdb_connection, duckdb_path, register_filesystems, remove_tree, write_json,
+    write_part_atomically,
+)
 from .uris import join_uri
 
 KEPT_DIR, REJECTED_DIR, GROUPS_FILE, SUMMARY_FILE = "kept", "rejected", "groups.parquet", "_summary.json"
@@ -393,6 +397,27 @@ def _write(con, query: str, output_uri: str, rows_per_file: int) -> int:
     return total
 
 
+def check_filter_output(scores: str, output: str) -> None:
+    """A filter's output is a directory of its own: never the score table or inside it (its summary would
+    replace the table's), nor a non-empty directory holding anything but a previous filter's output (a re-run
+    replaces that whole)."""
+    import fsspec
+
+    exists = check_output_location(output, "--output")
+    fs, out = fsspec.core.url_to_fs(output)
+    table = fsspec.core.url_to_fs(scores)[1].rstrip("/")
+    out = out.rstrip("/")
+    if out == table or out.startswith(table + "/"):
+        raise OutputError(f"--output {output} is the score table or inside it: choose a directory of its own")
+    if exists:
+        ours = {KEPT_DIR, REJECTED_DIR, GROUPS_FILE, SUMMARY_FILE}
+        other = sorted(name for name in (e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(out, detail=False, refresh=True))
+                       if name not in ours)
+        if other:
+            raise OutputError(f"--output {output} is a non-empty directory that holds no filter output "
+                              f"({', '.join(other[:3])}{' ...' if len(other) > 3 else ''}): choose another directory")
+
+
 def run_filter(
     scores: str,
     output: str,
@@ -412,6 +437,7 @@ def run_filter(
     import time
 
     started = time.time()
+    check_filter_output(scores, output)
     con = duckdb_connection(memory_limit=memory_limit, temp_dir=temp_dir)
     p = plan(con, scores, rules, model, metadata, on, unmatched_scores, metadata_is_manifest)
     chosen, models = select_model(con, p)

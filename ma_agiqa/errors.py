@@ -34,3 +34,8 @@ class ImageError(ValueError):
 class JobConfigError(ValueError):
     """Settings that cannot run: a scoring run stops before Ray starts or any model loads (jobs.score: exit
     code 2)."""
+
+
+class OutputError(ValueError):
+    """An output location that cannot be written (a file where a directory must go, a folder under a file, an
+    endpoint that does not answer): refused before any work, one line and exit 2 (``check_output_location``)."""

@@ -59,10 +59,10 @@ import pyarrow.parquet as pq
 
 from . import locators
 from .curation import CurationError
-from .errors import ImageError
+from .errors import ImageError, OutputError
 from .fetch import DEFAULT_MAX_BYTES, Fetcher
 from .manifests import ManifestError, expand_manifest
-from .table_files import write_part_atomically
+from .table_files import check_output_location, write_part_atomically
 from .uris import is_remote, join_uri, redact, redact_text, resolve_image_uri
 
 FORMATS = ("webdataset", "parquet", "files")
@@ -136,6 +136,8 @@ def kept_files(kept: str) -> list[str]:
         files, fmt = expand_manifest(kept)
     except ManifestError as e:
         raise ExportError(f"--kept: {e}") from None
+    except Exception as e:  # noqa: BLE001 - an endpoint that does not answer, credentials refused
+        raise ExportError(f"--kept {redact(kept)} cannot be reached: {type(e).__name__}: {redact_text(str(e))[:200]}") from None
     if fmt != "parquet":
         raise ExportError(f"--kept {redact(kept)} must be Parquet (it holds {fmt} files)")
     return files
@@ -514,6 +516,10 @@ def _read_records(output: str) -> dict[str, dict]:
 def _prepare_output(output: str, plan: dict) -> bool:
     """Checks the output and writes its plan. Returns whether a previous export of another plan was replaced.
     An output that is a file, or a non-empty directory that is not an export, is refused."""
+    try:
+        check_output_location(output, "--output")
+    except OutputError as e:
+        raise ExportError(str(e)) from None
     fs, path = fsspec.core.url_to_fs(output)
     fs.invalidate_cache(path)
     replaced = False

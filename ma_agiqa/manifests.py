@@ -178,6 +178,8 @@ def _read_csv(data: bytes, file_uri: str, text_columns: tuple[str, ...]) -> pa.T
 
     import pyarrow.csv as pacsv
 
+    if not data.strip():  # zero bytes or blank lines: pyarrow's "Empty CSV file" would not say which
+        raise ManifestError(f"manifest file {redact(file_uri)} is empty (no header and no rows)")
     header = data[: data.find(b"\n")] if b"\n" in data else data
     names = next(csv.reader([header.decode("utf-8", "replace").strip()]), [])
     types = {c: pa.string() for c in text_columns if c in names}
@@ -193,7 +195,7 @@ def _csv_bad_line(data: bytes) -> str | None:
 
     reader = csv.reader(io.StringIO(data.decode("utf-8", "replace"), newline=""))
     try:
-        width = len(next(reader))
+        width = len(next(reader, []))
         for fields in reader:
             if fields and len(fields) != width:
                 return f"line {reader.line_num}: expected {width} fields, got {len(fields)}"

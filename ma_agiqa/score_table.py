@@ -36,7 +36,7 @@ def read_scores(uri: str, model: str | None = None) -> pa.Table:
         return pa.table({})
     con = duckdb_connection(parts)
     relation = f"(SELECT * FROM {scan_parts(parts)}{f' WHERE model = {literal(model)}' if model else ''})"
-    table = con.execute(current_rows_sql(relation) + " ORDER BY image_id, model").to_arrow_table()
+    table = con.sql(current_rows_sql(relation) + " ORDER BY image_id, model").to_arrow_table()  # no DB-API copy
     if "scored_at" in table.column_names:  # DuckDB names the zone Etc/UTC; the table's schema says UTC
         i = table.column_names.index("scored_at")
         table = table.set_column(i, "scored_at", table["scored_at"].cast(pa.timestamp("us", tz="UTC")))
@@ -86,7 +86,7 @@ def resume_plan(output_uri: str, model_id: str, ids: pa.ChunkedArray | pa.Array,
     again = "TRUE" if retry_errors else f"split_part(error, ':', 1) IN ({transient})"
     rows = (f"(SELECT image_id, model, uri, status, error, scored_at FROM {scan_parts(parts)} "
             f"WHERE model = {literal(model_id)} AND image_id IN (SELECT image_id FROM manifest))")
-    result = con.execute(f"""
+    result = con.sql(f"""
         WITH current AS ({current_rows_sql(rows)})
         SELECT m.pos, (c.status = '{STATUS_OK}' OR NOT ({again})) AS final
         FROM manifest m JOIN current c USING (image_id)""").to_arrow_table()

@@ -11,7 +11,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .uris import LOCAL_SCHEMES, is_remote, scheme_of
+from .errors import OutputError
+from .uris import LOCAL_SCHEMES, is_remote, redact, redact_text, scheme_of
 
 def list_parts(output_uri: str) -> list[str]:
     """The finished part files of a table, listed afresh (an object store's listing cached by fsspec at the
@@ -134,3 +135,29 @@ def register_filesystems(con, uris) -> None:
         if name not in registered:
             con.register_filesystem(fs)
             registered.add(name)
+
+
+def check_output_location(uri: str, option: str = "--output", kind: str = "directory") -> bool:
+    """Refuses, before any work, an output ``kind`` ("directory" or "file") that cannot be written there: an
+    endpoint that does not answer (one line, not the storage library's traceback), a file where a directory
+    must go or the reverse, a local path under a file or in a folder this process cannot write. Returns
+    whether it exists."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        exists = fs.exists(path)
+        is_dir = exists and fs.isdir(path)
+    except Exception as e:  # noqa: BLE001 - an endpoint that does not answer, credentials refused, a bad URL
+        raise OutputError(f"{option} {redact(uri)} cannot be reached: {type(e).__name__}: {redact_text(str(e))[:200]}") from None
+    if exists and kind == "directory" and not is_dir:
+        raise OutputError(f"{option} {redact(uri)} is an existing file; it must be a directory")
+    if is_dir and kind == "file":
+        raise OutputError(f"{option} {redact(uri)} is a directory; it must be a file")
+    if not is_remote(uri):
+        parent = os.path.abspath(path if is_dir else os.path.dirname(path) or ".")
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise OutputError(f"{option} {redact(uri)} lies under {parent}, which is a file")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"{option} {redact(uri)}: {parent} is not writable by this user")
+    return exists

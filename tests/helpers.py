@@ -127,3 +127,15 @@ def copied_sample_images(directory: Path, copies: int) -> list[str]:
             names.append(f"{k}_{src.name}")
             shutil.copyfile(src, directory / names[-1])
     return names
+
+
+def refused(main, argv: list[str], capsys, pattern: str) -> None:
+    """``main(argv)`` refuses its options as the jobs do: exit code 2 and one ``error:`` line matching
+    ``pattern`` (a regex) on stderr."""
+    import re
+
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (code, err)
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and re.search(pattern, err), err

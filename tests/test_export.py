@@ -197,7 +197,8 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
     cases = [
         (["--kept", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"), "--format", "files"], "does not exist"),
         (["--kept", kept, "--output", str(tmp_path / "o"), "--format", "zip"], "unknown export format"),
-        (["--kept", kept, "--output", str(tmp_path / "a-file"), "--format", "files"], "is a file"),
+        (["--kept", kept, "--output", str(tmp_path / "a-file"), "--format", "files"], "is an existing file"),
+        (["--kept", kept, "--output", str(tmp_path / "a-file" / "o"), "--format", "files"], "which is a file"),
         (["--kept", str(SAMPLE / "manifest.jsonl"), "--output", str(tmp_path / "o"), "--format", "files"], "must be Parquet"),
         (["--kept", kept, "--output", str(SAMPLE), "--format", "files"], "holds no export"),
     ]

@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import refused
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "samples" / "agiqa3k"
 
@@ -166,12 +168,9 @@ def test_each_generator_is_held_out_whole_and_scored_again_by_evaluate(three_gen
         again = evaluate.evaluate(evaluate.parse_args(["--model", str(run), "--data-root", str(root), "--split", "test",
                                                        "--split-file", str(run / "split.csv"), "--cache-dir", str(cache)]))
         assert again["rmse"] == pytest.approx(row["test_rmse"], rel=1e-5)
-    with pytest.raises(SystemExit, match="no such generator"):
-        train.main(common + ["--output", str(tmp_path / "x"), "--test-generator", "sdxl"])
-    with pytest.raises(SystemExit, match="make their own split"):
-        train.main(common + ["--output", str(tmp_path / "z"), "--test-generator", "glide_normal", "--split", "reference"])
-    with pytest.raises(SystemExit, match="use one of them"):
-        train.main(common + ["--output", str(tmp_path / "y"), "--each-generator", "--repeats", "2"])
+    refused(train.main, common + ["--output", str(tmp_path / "x"), "--test-generator", "sdxl"], capsys, "no such generator")
+    refused(train.main, common + ["--output", str(tmp_path / "z"), "--test-generator", "glide_normal", "--split", "reference"], capsys, "make their own split")
+    refused(train.main, common + ["--output", str(tmp_path / "y"), "--each-generator", "--repeats", "2"], capsys, "use one of them")
 
 
 def test_bfloat16_training_runs_under_autocast_and_keeps_float32_weights(tmp_path):
@@ -244,7 +243,7 @@ def test_epochs_below_one_are_refused_and_a_zero_rate_is_used_as_given(three_gen
     assert trained and all(torch.equal(saved[k], initial[k].detach()) for k in trained)
 
 
-def test_split_all_trains_on_every_labelled_image_and_keeps_the_last_epoch(three_generators, tmp_path):
+def test_split_all_trains_on_every_labelled_image_and_keeps_the_last_epoch(three_generators, tmp_path, capsys):
     """The shipped weights' run (--split all): no val part to choose an epoch, so the last of --epochs is kept,
     and a stopped run resumes to it as a run with val does."""
     from jobs import train
@@ -266,8 +265,7 @@ def test_split_all_trains_on_every_labelled_image_and_keeps_the_last_epoch(three
                                                 "--cache-dir", str(tmp_path / "cache")]))
     assert ev["n"] == 12 and ev["played_a_role"] == {"trained": 12, "chose_the_epoch": 0}  # says it is no held-out figure
     for extra, refusal in ((["--repeats", "2"], "one split"), (["--split-seed", "3"], "one split")):
-        with pytest.raises(SystemExit, match=refusal):
-            train.main(common + ["--output", str(tmp_path / "x"), "--split", "all", *extra])
+        refused(train.main, common + ["--output", str(tmp_path / "x"), "--split", "all", *extra], capsys, refusal)
 
     cfg = fresh_model().cfg
     train_in, probe = tiny_inputs(cfg, 10, 1), tiny_inputs(cfg, 6, 2)
@@ -282,7 +280,7 @@ def test_split_all_trains_on_every_labelled_image_and_keeps_the_last_epoch(three
     np.testing.assert_array_equal(predict(resumed, probe), predict(whole, probe))
 
 
-def test_an_ensemble_config_trains_its_heads_and_probe_in_one_command(three_generators, tmp_path):
+def test_an_ensemble_config_trains_its_heads_and_probe_in_one_command(three_generators, tmp_path, capsys):
     """--set ensemble.heads=2 --set ensemble.probe=true: two heads of seeds S and S + 1 (each a run of its own,
     the first the plain run), the probe fitted on the train rows, one checkpoint that from_pretrained loads and
     whose val figure is the assembled model's."""
@@ -321,7 +319,5 @@ def test_an_ensemble_config_trains_its_heads_and_probe_in_one_command(three_gene
     assert ev["srcc"] == pytest.approx(metrics["best"]["val_srcc"], abs=1e-6)
     # cheap checks first: refused before any head trains
     for extra, refusal in ((["--split", "all"], "give --probe-alpha"), (["--backbone", "trainable"], "frozen backbone")):
-        with pytest.raises(SystemExit, match=refusal):
-            train.main([a for a in common if a not in ("--split-seed", "1", "--val-fraction", "0.34")] + extra +
-                       ["--output", str(tmp_path / "x"), "--set", "ensemble.probe=true"])
+        refused(train.main, [a for a in common if a not in ("--split-seed", "1", "--val-fraction", "0.34")] + extra + ["--output", str(tmp_path / "x"), "--set", "ensemble.probe=true"], capsys, refusal)
         assert not (tmp_path / "x").exists()

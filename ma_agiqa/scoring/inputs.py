@@ -72,6 +72,8 @@ class ManifestFiles:
 
     def read(self, file: str) -> pa.Table:
         table = read_manifest_file(file, self.fmt)
+        if not table.column_names:  # no header, or only blank lines: say so, not "no 'uri' column (columns: )"
+            raise ManifestError(f"manifest file {redact(file)} is empty (no header and no rows)")
         if "uri" not in table.column_names:
             raise ManifestError(f"manifest file {redact(file)} has no 'uri' column (columns: {', '.join(table.column_names)})")
         check_uris(table, file)  # a file of URIs the job cannot read at all stops here, not as error rows

@@ -125,8 +125,14 @@ class Reporter:
         return ray.get(call)
 
     def device(self, device: str, dtype) -> None:
-        if self.actor is not None:
+        if self.actor is None:
+            return
+        from ray.exceptions import RayActorError
+
+        try:
             self._ask(self.actor.device.remote(self.stage, device, str(dtype).removeprefix("torch.")))
+        except RayActorError:  # the run ended (its monitor is killed last) while this actor was still starting:
+            pass  # nothing to report to, and no traceback after the run's summary
 
     def refuse(self, kind: str, reason: str) -> None:
         """A reason the run cannot go on: the monitor records it (first wins), and this actor stops."""

@@ -17,9 +17,10 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 
-from ..errors import JobConfigError
+from ..errors import JobConfigError, OutputError
 from ..manifests import ManifestError, image_ids
 from ..schema import score_schema
+from ..table_files import check_output_location
 from ..uris import redact
 from .inputs import ManifestFiles, open_input  # noqa: F401 - ManifestFiles: the manifest kind, planned here too
 from .model_ref import ResolvedModel, resolve_model
@@ -101,9 +102,11 @@ def check_output(output: str, source: InputFiles) -> None:
     """--output must be a directory (or nothing yet), and never the input or a directory holding it."""
     import fsspec
 
+    try:  # reachable, a directory (the score table) or nothing yet, and writable there
+        check_output_location(output, "--output")
+    except OutputError as e:
+        raise JobConfigError(str(e)) from None
     fs, path = fsspec.core.url_to_fs(output)
-    if fs.exists(path) and not fs.isdir(path):
-        raise JobConfigError(f"--output {redact(output)} is an existing file; it must be a directory (the score table)")
     out = path.rstrip("/")
     for f in source.files:
         _, fpath = fsspec.core.url_to_fs(f)

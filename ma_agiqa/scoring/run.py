@@ -200,10 +200,34 @@ def init_ray(address: str | None, s3_endpoint: str | None = None):
     # cost a second of start-up and share a laptop's cores with the job; for one, `ray start --head` and
     # pass --address.
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
-                 logging_level=logging.WARNING)
+        check_cluster_answers(address)
+        try:
+            ray.init(address=address, runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
+                     logging_level=logging.WARNING)
+        except (ConnectionError, ValueError, TimeoutError) as e:  # a bad address, a client server that is gone
+            raise JobConfigError(f"cannot join the Ray cluster at {address}: {type(e).__name__}: {str(e)[:200]}") from None
     else:
         ray.init(address="local", include_dashboard=False, ignore_reinit_error=True, logging_level=logging.WARNING)
+
+
+def check_cluster_answers(address: str, timeout_s: float = 10.0) -> None:
+    """A GCS address (host:port) that nothing answers on is one line, not ray.init's minutes of retries.
+    "auto" and Ray Client addresses (ray://) are left to ray.init."""
+    import socket
+
+    if address == "auto" or "://" in address:
+        if address.startswith(("http://", "https://")):
+            raise JobConfigError(f"--address {address} is a URL; a cluster's address is HOST:PORT of its head (its "
+                                 "GCS, port 6379 by default), ray://HOST:10001 or auto")
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise JobConfigError(f"--address {address}: expected HOST:PORT of the cluster's head, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise JobConfigError(f"no Ray cluster answers at {address} ({type(e).__name__}: {e}); is the head up, and "
+                             "is this its GCS port (6379 by default)?") from None
 
 
 def rows_per_block(n_rows: int, batch_size: int, n_actors: int) -> int:

@@ -303,9 +303,10 @@ def run_training(args) -> dict:
     if sum([args.repeats > 1, args.test_generator is not None, args.each_generator]) > 1:
         raise TrainingRunError("--repeats, --test-generator and --each-generator choose the split each their own way: "
                                "use one of them")
-    if args.split == "all" and (args.repeats > 1 or args.split_file or args.split_seed is not None or args.test_fraction):
+    if args.split == "all" and (args.repeats > 1 or args.split_file or args.split_seed is not None or args.test_fraction
+                                or args.split_by_prompt):
         raise TrainingRunError("--split all trains on every labelled image, one split: drop --repeats, --split-file, "
-                               "--split-seed and --test-fraction (vary --seed for runs that differ)")
+                               "--split-seed, --test-fraction and --split-by-prompt (vary --seed for runs that differ)")
     if (args.test_generator is not None or args.each_generator) and (args.split or args.split_file or args.test_fraction):
         raise TrainingRunError("--test-generator and --each-generator make their own split (the generator's images as "
                                "test, --val-fraction of the others' as val): drop --split, --split-file and --test-fraction")
