@@ -184,12 +184,18 @@ class ExportJob:
 
 def plan_rows(table: pa.Table) -> tuple[pa.Table, list[dict]]:
     """The rows to export, each with its ``__key__``, and the error entries of the rows that cannot be: a
-    repeated image_id (its first row is exported) or a row without a uri."""
+    repeated image_id (its first row is exported), a row without a uri, or a row that scoring could not read
+    (its ``error``, e.g. ``not_image``: a kept set filtered without --drop-errors keeps them, but they are no
+    training images: the export never copies a file that is no image under an image's name)."""
     ids, uris = table["image_id"].to_pylist(), table["uri"].to_pylist()
+    scored_errors = table["error"].to_pylist() if "error" in table.column_names else [None] * len(ids)
     keep, errors, seen_ids, seen_keys, keys = [], [], set(), {}, []
-    for i, (image_id, uri) in enumerate(zip(ids, uris)):
+    for i, (image_id, uri, scored_error) in enumerate(zip(ids, uris, scored_errors)):
         if image_id is None:
             errors.append(_error(image_id, uri, "missing_id", "the row has no image_id"))
+            continue
+        if scored_error:
+            errors.append(_error(image_id, uri, scored_error.split(":", 1)[0], f"scoring could not read it: {scored_error}"))
             continue
         if image_id in seen_ids:
             errors.append(_error(image_id, uri, "duplicate_id", "image_id seen before in the kept set; its first row is exported"))

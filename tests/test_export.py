@@ -228,3 +228,16 @@ def test_curate_exports_the_kept_images_after_the_filter(local_ray_s3, tmp_path)
         r["image_id"]: (SAMPLE / r["uri"]).read_bytes() for r in kept}
     assert {r["image_id"]: r["score"] for r in exported} == {r["image_id"]: r["score"] for r in kept}
     assert json.loads(open(f"{out}/_summary.json").read())["export"]["shards"] == 2
+
+
+def test_rows_that_scoring_could_not_read_are_listed_not_exported():
+    """A kept set filtered without --drop-errors holds error rows: a text file named .jpg must not come out as
+    an image of the training set."""
+    from ma_agiqa.export import plan_rows
+
+    table = pa.table({"image_id": ["a", "b", "c"], "uri": ["a.jpg", "t.jpg", "c.jpg"],
+                      "error": [None, "not_image: not an image (17 bytes)", None], "score": [3.1, None, 2.0]})
+    rows, errors = plan_rows(table)
+    assert rows["image_id"].to_pylist() == ["a", "c"]
+    assert [(e["image_id"], e["kind"]) for e in errors] == [("b", "not_image")]
+    assert plan_rows(table.drop_columns(["error"]))[0].num_rows == 3  # a kept set without the column: all rows
