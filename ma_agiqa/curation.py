@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from .schema import CURRENT_ROW_ORDER, STATUS_OK, gate_column
-from .manifests import ID_COLUMNS, expand_manifest, image_ids, read_manifest_file
+from .manifests import ID_COLUMNS, ManifestError, expand_manifest, image_ids, read_manifest_file
 from .errors import OutputError
 from .table_files import (
     check_output_location, duckdb_connection, duckdb_path, register_filesystems, remove_tree, write_json,
@@ -275,7 +275,10 @@ def plan(con, scores: str, rules: list, model: str | None = None, metadata: str 
     the scores came from, its ids derived as the scoring job derives them (also the default when it has a
     ``uri`` column and no join column)."""
     p = Plan(scores=scores, rules=rules, model=model, metadata=metadata, on=parse_on(on), unmatched_scores=unmatched_scores)
-    p.score_files, fmt = expand_manifest(scores)
+    try:
+        p.score_files, fmt = expand_manifest(scores)
+    except ManifestError as e:  # the reader's words are a manifest's: say score table
+        raise CurationError(str(e).replace("manifest ", "score table ", 1)) from None
     if fmt != "parquet":
         raise CurationError(f"score table {scores} must be Parquet (it holds {fmt} files)")
     register_filesystems(con, p.score_files)

@@ -87,3 +87,8 @@ def test_an_empty_manifest_says_it_is_empty(tmp_path, name, content):
     (tmp_path / name).write_text(content)
     one_line(*job("jobs.score", "--manifest", str(tmp_path / name), "--output", str(tmp_path / "o"), "--model",
                   "tiny-random", "--allow-untrained"), r"is empty \(no header and no rows\)")
+
+
+def test_a_missing_score_table_is_called_a_score_table(tmp_path):
+    for argv in (["jobs.filter", "--output", str(tmp_path / "f"), "--top-k", "1"], ["jobs.report", "--output", str(tmp_path / "r.html")]):
+        one_line(*job(*argv, "--scores", str(tmp_path / "no-table")), r"score table .*no-table does not exist")
