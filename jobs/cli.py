@@ -24,6 +24,20 @@ def storage_errors() -> tuple[type[Exception], ...]:
     return (OSError, BotoCoreError, ClientError)
 
 
+def storage_cause(e: BaseException) -> BaseException | None:
+    """The storage error behind ``e``: itself, or the one Ray wrapped it around when it failed inside the
+    pipeline (a Ray Data UserCodeException's cause chain, a RayTaskError's ``cause``); None for anything else,
+    which stays a traceback (a bug to report)."""
+    errors, seen = storage_errors(), set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, errors):
+            return getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), errors) else e
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
+
+
 def storage_failure(e: Exception) -> str:
     from ma_agiqa.uris import redact_text
 
@@ -38,14 +52,16 @@ def run_and_report(args, run: Callable, where: Callable[[dict, object], str], er
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except storage_errors() as e:
-        print(storage_failure(e), file=sys.stderr)
-        return 3
     except KeyboardInterrupt:
         if interrupted is None:
             raise
         print(f"interrupted: {interrupted}", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a storage failure, however wrapped, is one line; the rest re-raised
+        if (cause := storage_cause(e)) is None:
+            raise
+        print(storage_failure(cause), file=sys.stderr)
+        return 3
     print(json.dumps({k: v for k, v in result.items() if k != "per_group"}, indent=2, default=str))
     print(where(result, args))
     return 0

@@ -17,7 +17,7 @@ import sys
 import threading
 from dataclasses import fields
 
-from jobs.cli import storage_errors, storage_failure
+from jobs.cli import storage_cause, storage_failure
 from ma_agiqa.errors import JobConfigError
 from ma_agiqa.manifests import ManifestError
 from ma_agiqa.scoring import SUMMARY_FILE, ScoreRequest, score
@@ -176,8 +176,10 @@ def main(argv=None) -> int:
         print(f"interrupted: the parts written so far are kept; run the same command again to resume into {redact(args.output)}",
               file=sys.stderr)
         return 130
-    except storage_errors() as e:
-        print(f"{storage_failure(e)}; the parts written so far are kept, run the same command again to resume",
+    except Exception as e:  # noqa: BLE001 - a storage failure, however Ray wrapped it, is one line; the rest re-raised
+        if (cause := storage_cause(e)) is None:
+            raise
+        print(f"{storage_failure(cause)}; the parts written so far are kept, run the same command again to resume",
               file=sys.stderr)
         return 3
     stopped = summary.get("stopped_early")

@@ -92,3 +92,27 @@ def test_an_empty_manifest_says_it_is_empty(tmp_path, name, content):
 def test_a_missing_score_table_is_called_a_score_table(tmp_path):
     for argv in (["jobs.filter", "--output", str(tmp_path / "f"), "--top-k", "1"], ["jobs.report", "--output", str(tmp_path / "r.html")]):
         one_line(*job(*argv, "--scores", str(tmp_path / "no-table")), r"score table .*no-table does not exist")
+
+
+def test_a_storage_error_is_found_however_ray_wrapped_it():
+    """Inside the pipeline a store's error reaches the driver as Ray wraps it: a RayTaskError that is also the
+    cause's class, inside Ray Data's UserCodeException chain. Each is unwrapped to the store's own error (the
+    one line the jobs print, exit 3); an error that is no store's is left to be raised."""
+    from botocore.exceptions import EndpointConnectionError
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    from jobs.cli import storage_cause
+
+    for error in (NotADirectoryError(20, "Not a directory", "/out/part-0.parquet"),
+                  EndpointConnectionError(endpoint_url="http://127.0.0.1:1")):
+        task = RayTaskError("write_parts", "Traceback (most recent call last): ...", error).as_instanceof_cause()
+        try:
+            try:
+                raise task
+            except Exception as inner:
+                raise UserCodeException("a map task failed") from inner
+        except UserCodeException as wrapped:
+            assert storage_cause(wrapped) is error
+        assert storage_cause(task) is error and storage_cause(error) is error
+    bug = RayTaskError("f", "...", ZeroDivisionError("x")).as_instanceof_cause()
+    assert storage_cause(bug) is None and storage_cause(UserCodeException("y")) is None
