@@ -47,10 +47,16 @@ def run(args) -> dict:
     from ma_agiqa.checkpoint import checkpoint_dir
     from ma_agiqa.datasets import load_dataset
     from ma_agiqa.ensemble import fit_probe, fit_ridge
-    from ma_agiqa.model import assemble_ensemble
+    from ma_agiqa.model import EnsembleError, assemble_ensemble, check_members
     from ma_agiqa.training import pooled_backbone_stats
 
-    members = [create_model(m, with_semantic=False) for m in args.member]
+    members = []
+    for m in args.member:
+        try:
+            members.append(create_model(m, with_semantic=False))
+        except (FileNotFoundError, KeyError) as e:  # neither a checkpoint directory nor a registered name
+            raise EnsembleError(f"--member {m}: {e.args[0] if e.args else e}") from None
+    check_members(members)  # before the probe's minutes of backbone features
     out = {"members": [m.model_id for m in members]}
     probe, roles = None, [member_roles(checkpoint_dir(m)) for m in args.member]
     if args.probe:
@@ -91,7 +97,14 @@ def member_roles(directory):
 
 
 def main(argv=None) -> int:
-    print(json.dumps(run(parse_args(argv)), indent=2))
+    from ma_agiqa.model import EnsembleError
+
+    try:
+        out = run(parse_args(argv))
+    except EnsembleError as e:  # members that cannot make one ensemble: one line, exit 2, as argparse's refusals
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=2))
     return 0
 
 

@@ -323,20 +323,36 @@ def load_semantic(name_or_dir: str | os.PathLike, device: str | torch.device = "
     return SemanticExtractor.from_config(cfg.semantic, str(directory) if directory else None, device, expected_width=recorded)
 
 
+class EnsembleError(ValueError):
+    """Models that cannot be members of one ensemble."""
+
+
+def check_members(members: list) -> None:
+    """Single heads of one config, trained on the same data, on one backbone: anything else would be averaged
+    into a score that means nothing, or (an ensemble given as a member) lose its other heads and probe."""
+    first = members[0]
+    backbone = first.quality.backbone.state_dict()
+    for m in members:
+        if m.cfg.ensemble.heads > 1 or m.cfg.ensemble.probe:
+            raise EnsembleError(f"{m.cfg.name} ({m.model_id}) is an ensemble itself ({m.cfg.ensemble.heads} head(s)"
+                                f"{', a probe' if m.cfg.ensemble.probe else ''}): members are single heads, such as "
+                                "the head-K runs an ensemble was trained from")
+    for m in members[1:]:
+        if (m.cfg.quality, m.cfg.moe, m.cfg.mos_mean, m.cfg.mos_std) != (
+                first.cfg.quality, first.cfg.moe, first.cfg.mos_mean, first.cfg.mos_std):
+            raise EnsembleError("ensemble members must share the config and the MOS normalisation (the same training data)")
+        if any(not torch.equal(v, backbone[k]) for k, v in m.quality.backbone.state_dict().items()):
+            raise EnsembleError("ensemble members must share the backbone's weights")
+
+
 def assemble_ensemble(members: list, probe: tuple | None = None, probe_weight: float = 0.5, name: str | None = None):
     """One model from trained single-head models of the same config (seeds apart) and, optionally, a fitted
     probe ((mean, scale, weight, bias) from ``fit_probe``): the first model's config with ``ensemble`` set, its
     weights and the others' heads. Save it with ``save_pretrained``; ``from_pretrained`` loads it."""
     from .config import EnsembleConfig
 
+    check_members(members)
     first = members[0]
-    backbone = first.quality.backbone.state_dict()
-    for m in members[1:]:
-        if (m.cfg.quality, m.cfg.moe, m.cfg.mos_mean, m.cfg.mos_std) != (
-                first.cfg.quality, first.cfg.moe, first.cfg.mos_mean, first.cfg.mos_std):
-            raise ValueError("ensemble members must share the config and the MOS normalisation (the same training data)")
-        if any(not torch.equal(v, backbone[k]) for k, v in m.quality.backbone.state_dict().items()):
-            raise ValueError("ensemble members must share the backbone's weights")
     d = first.cfg.to_dict()
     d["name"] = name or first.cfg.name
     cfg = ModelConfig.from_dict(d)
