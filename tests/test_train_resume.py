@@ -99,7 +99,7 @@ def three_generators(tmp_path):
 
 
 def train_cmd(root: Path, output: Path, cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.train", "--data-root", str(root), "--model", "ma-agiqa-offline-quality",
+    return [sys.executable, "-m", "jobs.train", "--data-root", str(root), "--model", "ma-agiqa-offline-quality-stats",
             "--output", str(output), "--cache-dir", str(cache), "--split-seed", "1", "--batch-size", "2",
             "--no-progress", *extra]
 
@@ -143,7 +143,7 @@ def test_each_generator_is_held_out_whole_and_scored_again_by_evaluate(three_gen
     from jobs import evaluate, train
 
     root, out, cache = three_generators, tmp_path / "logo", tmp_path / "cache"
-    common = ["--data-root", str(root), "--model", "ma-agiqa-offline-quality", "--cache-dir", str(cache),
+    common = ["--data-root", str(root), "--model", "ma-agiqa-offline-quality-stats", "--cache-dir", str(cache),
               "--epochs", "1", "--batch-size", "4", "--val-fraction", "0.25", "--no-progress"]
     # One of the runs made beforehand by --test-generator into its folder (as another process's share of the
     # work would be): --each-generator takes it as it is.
@@ -237,7 +237,7 @@ def test_epochs_below_one_are_refused_and_a_zero_rate_is_used_as_given(three_gen
                    capture_output=True)
     assert json.loads((out / "train_config.json").read_text())["train"]["lr"] == 0.0
     torch.manual_seed(0)  # as jobs.train seeds before building the model
-    initial = dict(create_model("ma-agiqa-offline-quality", with_semantic=False, shipped=False).named_parameters())
+    initial = dict(create_model("ma-agiqa-offline-quality-stats", with_semantic=False, shipped=False).named_parameters())
     saved = load_file(str(out / "model.safetensors"))
     trained = [k for k, p in initial.items() if p.requires_grad]
     assert trained and all(torch.equal(saved[k], initial[k].detach()) for k in trained)
@@ -251,7 +251,7 @@ def test_split_all_trains_on_every_labelled_image_and_keeps_the_last_epoch(three
     from ma_agiqa.training import train as train_model
 
     root, out = three_generators, tmp_path / "all"
-    common = ["--data-root", str(root), "--model", "ma-agiqa-offline-quality", "--cache-dir", str(tmp_path / "cache"),
+    common = ["--data-root", str(root), "--model", "ma-agiqa-offline-quality-stats", "--cache-dir", str(tmp_path / "cache"),
               "--batch-size", "4", "--no-progress"]
     assert train.main(common + ["--output", str(out), "--split", "all", "--epochs", "3"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -290,7 +290,7 @@ def test_an_ensemble_config_trains_its_heads_and_probe_in_one_command(three_gene
     from ma_agiqa.training import predict
 
     root, cache = three_generators, tmp_path / "cache"
-    common = ["--data-root", str(root), "--model", "ma-agiqa-offline-quality", "--cache-dir", str(cache),
+    common = ["--data-root", str(root), "--model", "ma-agiqa-offline-quality-stats", "--cache-dir", str(cache),
               "--batch-size", "4", "--epochs", "2", "--split-seed", "1", "--val-fraction", "0.34", "--no-progress"]
     out = tmp_path / "k2"
     assert train.main(common + ["--output", str(out), "--set", "ensemble.heads=2", "--set", "ensemble.probe=true"]) == 0
