@@ -8,20 +8,10 @@ import sys
 from typing import Callable
 
 from ma_agiqa.curation import CurationError
-from ma_agiqa.errors import OutputError
+from ma_agiqa.errors import OutputError, storage_errors
 from ma_agiqa.manifests import ManifestError
 
 USER_ERRORS: tuple[type[Exception], ...] = (CurationError, ManifestError, OutputError)
-
-
-def storage_errors() -> tuple[type[Exception], ...]:
-    """What storage raises when it fails mid-run (a dropped connection, a full disk, an object store's
-    refusal): said in one line with exit 3 (a failed run), as an unreachable endpoint is before the run."""
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:
-        return (OSError,)
-    return (OSError, BotoCoreError, ClientError)
 
 
 def storage_cause(e: BaseException) -> BaseException | None:
@@ -39,8 +29,11 @@ def storage_cause(e: BaseException) -> BaseException | None:
 
 
 def storage_failure(e: Exception) -> str:
+    from ma_agiqa.errors import StorageFailure
     from ma_agiqa.uris import redact_text
 
+    if isinstance(e, StorageFailure):  # already "<ErrorType>: <message>", redacted where it was raised
+        return f"error: storage failed: {e}"
     return f"error: storage failed: {type(e).__name__}: {redact_text(str(e))[:300]}"
 
 

@@ -39,3 +39,18 @@ class JobConfigError(ValueError):
 class OutputError(ValueError):
     """An output location that cannot be written (a file where a directory must go, a folder under a file, an
     endpoint that does not answer): refused before any work, one line and exit 2 (``check_output_location``)."""
+
+
+def storage_errors() -> tuple[type[Exception], ...]:
+    """What storage raises when it fails mid-run (a dropped connection, a full disk, an object store's
+    refusal, a path that became a file): a failed run (exit 3), never a row's error."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
+
+
+class StorageFailure(OSError):
+    """A store's error raised inside a Ray task, brought back to the driver as its message (Ray's wrapping of
+    the original would not survive the trip): ``"<ErrorType>: <message>"``."""

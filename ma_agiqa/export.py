@@ -59,7 +59,7 @@ import pyarrow.parquet as pq
 
 from . import locators
 from .curation import CurationError
-from .errors import ImageError, OutputError
+from .errors import ImageError, OutputError, StorageFailure, storage_errors
 from .fetch import DEFAULT_MAX_BYTES, Fetcher
 from .manifests import ManifestError, expand_manifest
 from .table_files import check_output_location, write_part_atomically
@@ -502,7 +502,13 @@ def write_text(text: str, uri: str) -> None:
 
 def _write_shards(batch: pa.Table, job: ExportJob) -> pa.Table:
     """The Ray Data stage: one export shard per row of the batch; returns each shard's record as JSON."""
-    return pa.table({"record": [json.dumps(write_shard(job, i)) for i in batch["index"].to_pylist()]})
+    records = []
+    for i in batch["index"].to_pylist():
+        try:
+            records.append(write_shard(job, i))
+        except storage_errors() as e:  # brought back as data: the driver raises it as one StorageFailure
+            records.append({"storage_failed": f"{type(e).__name__}: {redact_text(str(e))[:300]}"})
+    return pa.table({"record": [json.dumps(r) for r in records]})
 
 
 # -- the run -------------------------------------------------------------------------------------------------
@@ -589,8 +595,12 @@ def run_export(kept: str, output: str, fmt: str, shard_size: int = DEFAULT_SHARD
         ds = ray.data.from_items([{"index": i} for i in todo], override_num_blocks=len(todo))
         results = ds.map_batches(_write_shards, fn_kwargs={"job": job}, batch_size=1, batch_format="pyarrow",
                                  num_cpus=num_cpus).take_all()
-        for r in results:
-            record = json.loads(r["record"])
+        records = [json.loads(r["record"]) for r in results]
+        failed = [r["storage_failed"] for r in records if "storage_failed" in r]
+        if failed:
+            raise StorageFailure(f"{failed[0]} (writing {len(failed)} of {len(todo)} shards; the shards written are "
+                                 "kept: run the same command again to complete the export)")
+        for record in records:
             done[record["shard"]] = record
     records = [done[n] for n in names]
     errors = plan_errors + [e for r in records for e in r["errors"]]

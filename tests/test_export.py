@@ -241,3 +241,27 @@ def test_rows_that_scoring_could_not_read_are_listed_not_exported():
     assert rows["image_id"].to_pylist() == ["a", "c"]
     assert [(e["image_id"], e["kind"]) for e in errors] == [("b", "not_image")]
     assert plan_rows(table.drop_columns(["error"]))[0].num_rows == 3  # a kept set without the column: all rows
+
+
+def test_a_store_failing_inside_the_export_is_one_line_and_exit_3(local_ray_s3, tmp_path, capsys):
+    """A shard that cannot be written in its Ray task (here a directory stands where the shard goes) ends
+    the export with one line naming the store's own error, exit 3; the shards written are kept, and once
+    the store is right again the same command completes the export."""
+    import shutil
+
+    kept, expected = kept_set(tmp_path, n=4)
+    out = str(tmp_path / "export")
+    argv = ["--kept", kept, "--output", out, "--format", "webdataset", "--shard-size", "1", "--image-root", str(SAMPLE)]
+    assert export_job.main(argv) == 0
+    os.remove(f"{out}/shard-00001.tar")
+    os.remove(f"{out}/_shards/shard-00001.tar.json")
+    os.makedirs(f"{out}/shard-00001.tar/blocked")
+    capsys.readouterr()
+    assert export_job.main(argv) == 3
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("error: ")]  # beside Ray Data's INFO lines
+    assert len(said) == 1 and said[0].startswith("error: storage failed: IsADirectoryError"), err
+    assert "Traceback" not in err and "1 of 1 shards" in said[0] and os.path.exists(f"{out}/shard-00000.tar")
+    shutil.rmtree(f"{out}/shard-00001.tar")
+    assert export_job.main(argv) == 0
+    assert {i: s[0] for i, s in read_webdataset(out).items()} == expected

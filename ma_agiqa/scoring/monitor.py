@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 # What stopped a run (the summary's ``stopped_early.kind``); NO_CUDA is a refusal (jobs.score: exit 2), the
 # others a failed run (exit 3).
-ERROR_FRACTION, FAILED_BATCHES, NO_CUDA = "error_fraction", "failed_batches", "no_cuda"
+ERROR_FRACTION, FAILED_BATCHES, NO_CUDA, STORAGE = "error_fraction", "failed_batches", "no_cuda", "storage"
 MIN_ROWS_FOR_ERROR_FRACTION = 200  # at least; see min_rows_for_error_fraction
 MAX_FAILED_BATCHES = 5
 

@@ -289,7 +289,7 @@ def pipeline(todo, spec: JobSpec, layout: Layout, request: ScoreRequest, watch=N
             memory=memory if layout.decode_in_actors else None,
             compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2),
         )
-    return todo.map_batches(WriteParts(request.output), batch_size=request.rows_per_file, batch_format="pyarrow", num_cpus=0.25)
+    return todo.map_batches(WriteParts(request.output, watch), batch_size=request.rows_per_file, batch_format="pyarrow", num_cpus=0.25)
 
 
 # ---- the run monitor (monitor.py): failing fast, and the device each model stage really ran on ----

@@ -24,12 +24,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import MAX_IMAGE_SIDE, ModelConfig
-from ..errors import DEFAULT_MAX_PIXELS, ImageError, error_kind
+from ..errors import DEFAULT_MAX_PIXELS, ImageError, error_kind, storage_errors
 from ..schema import STATUS_ERROR, STATUS_OK, feature_column, gate_column, score_schema
 from ..fetch import CONNECT_TIMEOUT, DEFAULT_MAX_BYTES, FETCH_TIMEOUT, READ_TIMEOUT, Fetcher
 from ..manifests import image_ids
 from ..table_files import write_part_atomically
-from ..uris import REMOTE_SCHEMES, redact_text, resolve_image_uri, scheme_of
+from ..uris import REMOTE_SCHEMES, redact, redact_text, resolve_image_uri, scheme_of
 
 # Columns the steps add for each other; none reaches the score table.
 PIXELS = "_quality_pixels"
@@ -446,8 +446,8 @@ class WriteParts:
     it may land in another part, and readers take the current row per (image_id, model) by the table's one
     rule (``schema.CURRENT_ROW_ORDER``)."""
 
-    def __init__(self, output_uri: str):
-        self.output_uri = output_uri
+    def __init__(self, output_uri: str, watch=None):
+        self.output_uri, self.watch = output_uri, watch
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if len(table) == 0:
@@ -459,7 +459,14 @@ class WriteParts:
             table = table.drop_columns([FALLBACK])
         keys = [table["model"][0].as_py(), *sorted(table["image_id"].to_pylist())]
         digest = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:20]
-        write_part_atomically(table, self.output_uri, f"part-{digest}.parquet")
+        try:
+            write_part_atomically(table, self.output_uri, f"part-{digest}.parquet")
+        except storage_errors() as e:  # the run's verdict, so the job says it in one line (exit 3), not as a
+            # traceback that Ray wrapped out of reach
+            from .monitor import STORAGE, Reporter
+
+            Reporter(self.watch, "write").refuse(STORAGE, f"storage failed writing a part to {redact(self.output_uri)}: "
+                                                          f"{type(e).__name__}: {redact_text(str(e))[:300]}")
         ok = int(pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0)
         kinds = Counter(error_kind(e) for e in table["error"].to_pylist() if e is not None)
         return pa.table({"rows": [len(table)], "ok": [ok], "errors": [json.dumps(dict(kinds))], "model": [keys[0]],
