@@ -15,9 +15,11 @@ USER_ERRORS: tuple[type[Exception], ...] = (CurationError, ManifestError, Output
 
 
 def storage_cause(e: BaseException) -> BaseException | None:
-    """The storage error behind ``e``: itself, or the one Ray wrapped it around when it failed inside the
-    pipeline (a Ray Data UserCodeException's cause chain, a RayTaskError's ``cause``); None for anything else,
-    which stays a traceback (a bug to report)."""
+    """The storage error behind ``e``: itself, a RayTaskError's ``cause``, or one in the exception chain raised
+    in this process; None for anything else, which stays a traceback (a bug to report). A Ray Data task's
+    error reaches the driver without its chain (the cause does not survive the trip), so the pipelines' own
+    steps bring storage failures back themselves: jobs.score's part writer as the run's verdict, jobs.export's
+    shard writer as data (``StorageFailure``)."""
     errors, seen = storage_errors(), set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
