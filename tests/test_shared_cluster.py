@@ -149,7 +149,8 @@ def test_exit_3_an_exception_and_ctrl_c_leave_nothing_behind(cluster, tmp_path):
 
     # a store failing inside the pipeline: the output directory passes the driver's checks, then becomes a
     # file once the dataset runs, so writing the first part fails in a Ray task (an output under a file is
-    # refused before Ray starts: tests/test_unusable_outputs.py); Ray's wrapping of it is unwrapped: one line
+    # refused before Ray starts: tests/test_unusable_outputs.py); the part writer makes it the run's verdict, the
+    # run stops, and the driver's own write of the summary there fails too: one line, the store's error
     vanishing = tmp_path / "vanishing"
     vanishing.mkdir()
     log = tmp_path / "raises.log"
