@@ -41,6 +41,20 @@ def start_node(*args, environ=None) -> subprocess.Popen:
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def wait_for_port(port: int, node: subprocess.Popen, timeout: float = 60) -> None:
+    """Until the head's GCS accepts connections on ``port``: `ray start --block` returns nothing to wait on, and a
+    job started before its GCS listens is right to stop at once (no cluster answers)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            assert node.poll() is None, f"the head node exited ({node.returncode}) before its GCS listened"
+            assert time.time() < deadline, f"nothing listens on port {port} after {timeout:.0f} s"
+            time.sleep(0.3)
+
+
 def session_pids(sid: int) -> list[int]:
     """Processes of session ``sid`` that still run (zombies left to an init that does not reap are not)."""
     pids = []
