@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,28 @@ def local_ray_s3(s3_server):
         k: os.environ[k] for k in ("MA_AGIQA_CACHE", *s3_server) if k in os.environ}})
     yield
     ray.shutdown()
+
+
+# The test process ends without the interpreter's finalization. It hosts in turn several local Ray drivers, an S3
+# server thread, DuckDB connections and torch's thread pools; Ray leaves native threads running after each
+# ray.shutdown() (a "worker.io" and a GCS client's io thread per Ray Data run, seen here), and finalizing the
+# interpreter under them crashed once, after every test had passed and been reported (CI, 2026-12-03: "380
+# passed", then SIGSEGV, exit 139). The results are final by then; what is left is torn down by the kernel.
+_session = None
+
+
+def pytest_sessionstart(session):
+    global _session
+    _session = session
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if _session is None:  # pytest stopped before the session began: its own ending stands
+        return
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()  # a local Ray's processes are stopped by the driver, not by the kernel
+    config.get_terminal_writer().flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(_session.exitstatus))

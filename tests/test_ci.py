@@ -1,4 +1,5 @@
 """.ci/run is README's two commands, and under it no check can skip for want of what it needs."""
+import os
 import re
 import subprocess
 import sys
@@ -40,3 +41,20 @@ def test_something_missing_skips_or_fails_by_its_flag(monkeypatch):
     assert require_module("json", REQUIRE_PEERS) is sys.modules["json"]  # present: imported, neither
     with pytest.raises(ValueError, match="unknown flag"):
         unavailable("x", "MA_AGIQA_NO_SUCH_FLAG")
+
+
+@pytest.mark.parametrize("body, status, said", [
+    ("def test_ok():\n    pass\n", 0, "1 passed"),
+    ("def test_bad():\n    assert 1 == 2\n", 1, "1 failed"),
+    ("x = 1\n", 5, "no tests ran"),
+    ("import nothing_of_this_name\n", 2, "1 error"),
+])
+def test_the_test_process_ends_with_pytest_s_own_status_and_report(tmp_path, body, status, said):
+    """tests/conftest.py ends the test process without the interpreter's finalization (os._exit): it must still
+    end with the status pytest chose, after its whole report, or CI would pass on a failure."""
+    (tmp_path / "test_x.py").write_text(body)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "tests"))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider", str(tmp_path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == status, run.stdout[-2000:] + run.stderr[-2000:]
+    assert said in run.stdout.splitlines()[-1], run.stdout[-2000:]
