@@ -317,6 +317,15 @@ def test_an_ensemble_config_trains_its_heads_and_probe_in_one_command(three_gene
     ev = evaluate.evaluate(evaluate.parse_args(["--model", str(out), "--data-root", str(root), "--split", "val",
                                                 "--split-file", str(out / "split.csv"), "--cache-dir", str(cache)]))
     assert ev["srcc"] == pytest.approx(metrics["best"]["val_srcc"], abs=1e-6)
+    assert json.loads((out / "train_config.json").read_text())["train"]["epochs"] == 2  # the heads' settings
+    # K grown in place: the two finished heads are reused, only the third trains
+    capsys.readouterr()
+    assert train.main(common + ["--output", str(out), "--set", "ensemble.heads=3", "--set", "ensemble.probe=true"]) == 0
+    reused = capsys.readouterr().err
+    assert f"{out / 'head-0'}: trained already" in reused and f"{out / 'head-1'}: trained already" in reused
+    assert f"{out / 'head-2'}: trained already" not in reused
+    assert [h["seed"] for h in json.loads((out / "metrics.json").read_text())["heads"]] == [20, 21, 22]
+    assert from_pretrained(out, with_semantic=False).cfg.ensemble.heads == 3
     # cheap checks first: refused before any head trains
     for extra, refusal in ((["--split", "all"], "give --probe-alpha"), (["--backbone", "trainable"], "frozen backbone")):
         refused(train.main, [a for a in common if a not in ("--split-seed", "1", "--val-fraction", "0.34")] + extra + ["--output", str(tmp_path / "x"), "--set", "ensemble.probe=true"], capsys, refusal)

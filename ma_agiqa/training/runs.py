@@ -245,10 +245,13 @@ def train_ensemble(args, df, output: Path, repeat: int, cfg, settings: dict, log
     ens = cfg.ensemble
     check_ensemble(args, ens, cfg.quality.freeze_backbone and not cfg.quality.trainable_stages, split_scheme(args))
     seed = cfg.train.seed if args.seed is None else args.seed
+    # A head's settings leave out the ensemble's own (K, the probe): the same output trained again with another
+    # K reuses the heads it finished.
+    head_set = [item for item in args.set if not item.startswith("ensemble.")] + ["ensemble.heads=1", "ensemble.probe=false"]
     heads = []
     for k in range(ens.heads):
         one = copy.copy(args)
-        one.set, one.seed, one.probe_alpha = [*args.set, "ensemble.heads=1", "ensemble.probe=false"], seed + k, None
+        one.set, one.seed, one.probe_alpha = head_set, seed + k, None
         heads.append(train_once(one, df, output / f"head-{k}", repeat))
     members = [create_model(str(output / f"head-{k}"), with_semantic=False) for k in range(ens.heads)]
     train_df, val_df, test_df = splits(args, df, repeat)
@@ -281,7 +284,9 @@ def train_ensemble(args, df, output: Path, repeat: int, cfg, settings: dict, log
         "heads": [{"seed": seed + k, "best_epoch": h["best_epoch"], **h["best"], "test": h["test"]} for k, h in enumerate(heads)],
     }
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (output / "train_config.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
+    # the heads' training settings (one config, seeds S, S + 1, ...), as a single run's train_config.json has them
+    train = json.loads((output / "head-0" / "train_config.json").read_text())["train"]
+    (output / "train_config.json").write_text(json.dumps({**settings, "train": train}, indent=2, default=str) + "\n")
     return metrics
 
 
