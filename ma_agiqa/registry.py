@@ -140,14 +140,26 @@ def _efficientnet_lite2(freeze: bool) -> QualityConfig:
 @register_model
 def ma_agiqa_offline() -> ModelConfig:
     """What can be trained with real weights on a machine with no hub access: no MLLM (none can be had),
-    the quality branch on the packaged ImageNet EfficientNet-Lite2 (frozen, so its features can be cached),
-    the prompt expert on the packaged all-MiniLM-L6-v2, and the stats expert beside the MANIQA vector (the
-    head reads the map's layout, a linear probe its channels' global statistics, and together they score
-    better than either: benchmarks/accuracy.md)."""
+    the quality branch on the packaged ImageNet EfficientNet-Lite2 (frozen, so its features can be cached)
+    and the prompt expert on the packaged all-MiniLM-L6-v2 in one MoE head, and a ridge probe of the
+    backbone's pooled statistics, trained apart and averaged in the forward (the head reads the map's layout,
+    the probe its channels' global statistics: together they score better than either, and better than the
+    stats expert inside the MoE; benchmarks/accuracy.md, issue 30). Its shipped weights were trained on all
+    labelled AGIQA-3K images."""
     return _config(
-        "ma-agiqa-offline", _efficientnet_lite2(freeze=True), prompt=PromptConfig(), moe_width=128, stats=True,
+        "ma-agiqa-offline", _efficientnet_lite2(freeze=True), prompt=PromptConfig(), moe_width=128,
         train=TrainConfig(lr=3e-4, epochs=12, batch_size=32, scheduler="cosine-epoch", normalize_mos=True, seed=20),
+        ensemble=EnsembleConfig(probe=True),
     )
+
+
+@register_model
+def ma_agiqa_offline_stats() -> ModelConfig:
+    """The recipe ``ma-agiqa-offline`` shipped until 2026-12-03: the MANIQA head, the prompt expert and the
+    stats expert in one MoE (no shipped weights; its seeded median is below the head + probe's)."""
+    cfg = ma_agiqa_offline()
+    return _config("ma-agiqa-offline-stats", cfg.quality, prompt=cfg.prompt, moe_width=cfg.moe.width,
+                   train=cfg.train, stats=True)
 
 
 @register_model

