@@ -1,6 +1,7 @@
 """What the Ray Data benchmarks share: their images and a quiet local Ray (not a benchmark itself)."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -11,6 +12,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MA_AGIQA_AGIQA3K", ROOT.parent / "shared/datasets/agiqa3k"))  # the full AGIQA-3K
 SAMPLE = ROOT / "samples" / "agiqa3k"  # its 40 images in the repository
+
+
+def scratch_dir(prefix: str) -> str:
+    """A new temporary folder for a smoke run's files, removed when the process exits however ``main`` ends
+    (an exception, SystemExit): smoke runs leave nothing in the temporary directory."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def pick_images(n: int, smoke: bool) -> list[Path] | None:

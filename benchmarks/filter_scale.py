@@ -116,9 +116,9 @@ def main():
     p.add_argument("--smoke", action="store_true", help="the same runs on 20,000 rows in a temporary folder (seconds)")
     args = p.parse_args()
     if args.smoke:
-        import tempfile
+        from _common import scratch_dir
 
-        args.rows, args.workdir = 20_000, tempfile.mkdtemp(prefix="filter-scale-smoke-")
+        args.rows, args.workdir = 20_000, scratch_dir("filter-scale-smoke-")
     root = Path(args.workdir)
     t0 = time.perf_counter()
     scores, meta = synth(args.rows, root)

@@ -322,9 +322,9 @@ def main(argv=None):
     args.job_timeout = args.job_timeout or (600 if args.smoke else 300)
     args.images = args.images or str(DEFAULT_IMAGES if DEFAULT_IMAGES.is_dir() else SAMPLE)
     if args.out is None and args.smoke:  # a smoke run's figures mean nothing: never beside the recorded ones
-        import tempfile
+        from _common import scratch_dir  # printed below, removed at exit
 
-        args.out = Path(tempfile.mkdtemp(prefix="gpu-run-smoke-"))
+        args.out = Path(scratch_dir("gpu-run-smoke-"))
     out = args.out or REPO / "benchmarks" / "results" / f"gpu-{dt.date.today().isoformat()}"
     skip = set(filter(None, args.skip.split(",")))
     work = args.work / ("smoke" if args.smoke else "gpu")

@@ -146,11 +146,11 @@ def main(argv=None) -> int:
                    help="seconds: samples/agiqa3k's 40 images, tf_efficientnet_lite0@64, a temporary cache")
     args = p.parse_args(argv)
     if args.smoke:
-        import tempfile
+        from _common import scratch_dir
 
         args.data_root = str(Path(__file__).resolve().parents[1] / "samples" / "agiqa3k")
         args.features = args.features or ["tf_efficientnet_lite0@64"]
-        args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="linear_probe_smoke_")
+        args.cache_dir = args.cache_dir or scratch_dir("linear_probe_smoke_")
     df = load_dataset("agiqa3k", args.data_root)
     sets = [(b, int(s)) for b, _, s in (f.partition("@") for f in args.features)] or [(None, None)]
     features = np.concatenate([pooled_features(args.model, df, b, s, args.pool, args.cache_dir) for b, s in sets], axis=1)

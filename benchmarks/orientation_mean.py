@@ -54,13 +54,13 @@ def main() -> None:
     cache = None
     if args.smoke:
         import dataclasses
-        import tempfile
 
+        from _common import scratch_dir
         from ma_agiqa import get_config
 
         args.model = args.model or "ma-agiqa-offline-quality"
         args.data_root = str(Path(__file__).resolve().parents[1] / "samples" / "agiqa3k")
-        cache = tempfile.mkdtemp(prefix="orientation_mean_smoke_")
+        cache = scratch_dir("orientation_mean_smoke_")
         q = get_config(args.model).quality
         q = dataclasses.replace(q, backbone="tf_efficientnet_lite0", views=dataclasses.replace(q.views, size=64))
         model = create_model(args.model, with_semantic=False, shipped=False, quality=q).eval()

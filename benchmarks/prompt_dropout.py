@@ -91,10 +91,10 @@ def main():
     torch.set_num_threads(2)
     model = None
     if args.smoke:
-        import tempfile
+        from _common import scratch_dir
 
         args.data_root = str(Path(__file__).resolve().parents[1] / "samples" / "agiqa3k")
-        args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="prompt_dropout_smoke_")
+        args.cache_dir = args.cache_dir or scratch_dir("prompt_dropout_smoke_")
         model = smoke_model(args.model)
     out = measure(args.model, args.data_root, args.split, args.cache_dir, model)
     text = json.dumps(out, indent=2)

@@ -3,6 +3,7 @@ label files."""
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -201,7 +202,7 @@ def test_aigiqa20k_loader_reads_its_published_layout(tmp_path, agiqa_sample):
     assert len(train) == 2 and val["image_id"].tolist() == ["MJ_0007"]
 
 
-def test_ray_train_workers_take_the_single_process_steps(local_ray, tmp_path):
+def test_ray_train_workers_take_the_single_process_steps(local_ray, tmp_path, monkeypatch):
     """jobs.train --workers 2 runs the same loop on Ray Train's TorchTrainer (torch DDP): augmented as one
     process augments (every worker replays the batch's draws), two workers end where one process ends.
     Dropout (torch's global stream, per worker) is off."""
@@ -236,7 +237,11 @@ def test_ray_train_workers_take_the_single_process_steps(local_ray, tmp_path):
     single_result = train(single, train_in, val_in, log=lambda _: None)
 
     out = tmp_path / "ddp"
+    scratch = tmp_path / "tmp"  # where the driver's temporary folders go: Ray Train's run folder is one
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     result = train_distributed(str(start), overrides, train_in, val_in, out, workers=2)
+    assert not list(scratch.iterdir())  # removed once its checkpoint is copied to the output
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     assert result["best_epoch"] == single_result["best_epoch"]
     for ours, theirs in zip(result["history"], single_result["history"]):  # the same batches, augmented alike

@@ -77,21 +77,28 @@ def train_distributed(model_ref: str, train_overrides: dict, train_in: Inputs, v
         setattr(model.cfg.train, k, v)
     check_data_parallel(model, model.cfg.train, workers)
     inputs = [ray.put(train_in), ray.put(val_in)]  # held here until fit() returns
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"model": model_ref, "train": train_overrides, "overrides": model_overrides or {},
-                           "inputs": inputs},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(storage_path=storage or tempfile.mkdtemp(prefix="ma_agiqa_train_")),
-    )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as directory:
-        output.mkdir(parents=True, exist_ok=True)
-        for item in Path(directory).iterdir():
-            if item.is_file():
-                shutil.copy2(item, output / item.name)
-            else:
-                shutil.copytree(item, output / item.name, dirs_exist_ok=True)
+    # Ray Train's run folder (its checkpoints, tens of MB) is scratch unless the caller keeps it: removed
+    # however the run ends, so a training run leaves nothing in the node's temporary directory.
+    scratch = None if storage else tempfile.mkdtemp(prefix="ma_agiqa_train_")
+    try:
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"model": model_ref, "train": train_overrides, "overrides": model_overrides or {},
+                               "inputs": inputs},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(storage_path=storage or scratch),
+        )
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as directory:
+            output.mkdir(parents=True, exist_ok=True)
+            for item in Path(directory).iterdir():
+                if item.is_file():
+                    shutil.copy2(item, output / item.name)
+                else:
+                    shutil.copytree(item, output / item.name, dirs_exist_ok=True)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     result_file = output / "train_result.json"
     trained = json.loads(result_file.read_text())
     result_file.unlink()
