@@ -145,8 +145,9 @@ def ma_agiqa_offline() -> ModelConfig:
     backbone's pooled statistics, trained apart and averaged in the forward (the head reads the map's layout,
     the probe its channels' global statistics: together they score better than either, and better than the
     stats expert inside the MoE; benchmarks/accuracy.md, issue 30). Three heads of different seeds share the
-    frozen backbone: the best seeded median measured for K = 1 to 3 (4 and 5 add nothing, at a sixth more CPU
-    time a head), and the only K of 1 to 3 whose 30 % cut keeps under 1 % of the bottom quartile. Its shipped weights were trained on all labelled AGIQA-3K images."""
+    frozen backbone: the best seeded median measured for K = 1 to 3 (4 and 5 add nothing, at 16-22 % more CPU
+    time a head), and the only K of 1 to 3 whose 30 % cut keeps under 1 % of the bottom quartile. Its shipped
+    weights were trained on all labelled AGIQA-3K images."""
     return _config(
         "ma-agiqa-offline", _efficientnet_lite2(freeze=True), prompt=PromptConfig(), moe_width=128,
         train=TrainConfig(lr=3e-4, epochs=12, batch_size=32, scheduler="cosine-epoch", normalize_mos=True, seed=20),
