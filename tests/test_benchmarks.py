@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -51,13 +52,16 @@ def test_benchmark_smoke_run_prints_its_result(script):
     for module, flag in NEEDS.get(script.name, []):
         require_module(module, flag)
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # MA_AGIQA_CACHE too: the session's tiny models
-    before = set(os.listdir(tempfile.gettempdir()))
+    tmp = tempfile.gettempdir()
+    before, started = set(os.listdir(tmp)), time.time() - 1
     out = subprocess.run([sys.executable, str(script), "--smoke"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=600)
     tail = f"\n--- stdout ---\n{out.stdout[-3000:]}\n--- stderr ---\n{out.stderr[-3000:]}"
     assert out.returncode == 0, f"{script.name} --smoke exited {out.returncode}{tail}"
-    # its scratch folders are gone (named for the smoke run or the project; Ray's own session folder aside)
-    left = [n for n in set(os.listdir(tempfile.gettempdir())) - before if "smoke" in n or n.startswith("ma_agiqa")]
-    assert not left, f"{script.name} --smoke left {left} in {tempfile.gettempdir()}"
+    # its scratch folders are gone (named for the smoke run or the project; Ray's own session folder aside):
+    # new ones, and ones an earlier run left that this run wrote into (a leftover must not hide the defect)
+    ours = [n for n in os.listdir(tmp) if "smoke" in n or n.startswith("ma_agiqa")]
+    left = [n for n in ours if n not in before or os.stat(os.path.join(tmp, n)).st_mtime >= started]
+    assert not left, f"{script.name} --smoke left {left} in {tmp}"
     docs = printed_results(out.stdout)
     assert docs and all(isinstance(d, dict) and has_number(d) for d in docs), f"{script.name} printed no result{tail}"
