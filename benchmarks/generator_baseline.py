@@ -26,7 +26,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ma_agiqa.datasets import load_dataset, reference_split, split_three  # noqa: E402
+from ma_agiqa.datasets import generator_split, load_dataset, reference_split, split_three  # noqa: E402
 from ma_agiqa.metrics import iqa_metrics  # noqa: E402
 
 
@@ -45,8 +45,12 @@ def mean_metrics(train: pd.DataFrame, test: pd.DataFrame, by: str = "generator")
 
 
 def each_generator(df: pd.DataFrame, by: str) -> dict:
-    """Leave one generator out: each generator's images predicted from the other generators' images."""
-    out = {g: mean_metrics(df[df["generator"] != g], df[df["generator"] == g], by) for g in sorted(df["generator"].unique())}
+    """Leave one generator out, as ``jobs.train --each-generator --val-fraction 0.1`` splits: each generator's
+    images predicted from the other generators' train part (their val part is not needed and is left out)."""
+    out = {}
+    for g in sorted(df["generator"].unique()):
+        train, _, test = generator_split(df, g, 0, 0.1)
+        out[g] = mean_metrics(train, test, by)
     ranked = [m for m in out.values() if m.get("srcc") is not None]
     if ranked:
         out["median"] = {k: round(float(np.median([m[k] for m in ranked])), 4) for k in ("srcc", "plcc")}

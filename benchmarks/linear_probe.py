@@ -36,7 +36,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generator_baseline import mean_prediction  # noqa: E402
+from generator_baseline import mean_metrics  # noqa: E402
 
 from ma_agiqa.datasets import generator_split, load_dataset, reference_split, split_three  # noqa: E402
 from ma_agiqa.metrics import iqa_metrics  # noqa: E402
@@ -93,10 +93,9 @@ def probe(features: np.ndarray, df: pd.DataFrame, parts) -> dict:
         (features[[index[i] for i in p["image_id"]]], p["mos"].to_numpy(np.float64)) for p in parts]
     best = max(ALPHAS, key=lambda a: _score(iqa_metrics(ridge(xtr, ytr, a)(xva), yva)))
     test = iqa_metrics(ridge(xtr, ytr, best)(xte), yte)
-    gen_pred = mean_prediction(parts[0], parts[2], "generator")
-    baseline = iqa_metrics(gen_pred, yte) if np.ptp(gen_pred) > 0 else {"srcc": float("nan"), "plcc": float("nan")}
+    baseline = mean_metrics(parts[0], parts[2], "generator")  # no srcc where one generator is the whole test part
     return {"alpha": best, **{k: round(float(v), 4) for k, v in test.items() if k != "n"}, "n": int(test["n"]),
-            "generator_mean_srcc": round(float(baseline["srcc"]), 4), "generator_mean_plcc": round(float(baseline["plcc"]), 4)}
+            "generator_mean_srcc": baseline.get("srcc", float("nan")), "generator_mean_plcc": baseline.get("plcc", float("nan"))}
 
 
 def head_and_probe(features: np.ndarray, df: pd.DataFrame, run: Path, seed: int, data_root: str) -> dict:

@@ -27,6 +27,7 @@ import gc
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -309,16 +310,12 @@ def main():
         measure(args)
     finally:
         if args.smoke:  # a smoke run's folder is scratch, however it ends: its result is the JSON it printed
-            import shutil
-
             shutil.rmtree(args.work, ignore_errors=True)
 
 
 def measure(args):
     small = {"layers": 2, "image_side": 112} if args.smoke else {}
     small_processor = {"max_pixels": 112 * 112, "image_side": 112} if args.smoke else {}
-    import shutil
-
     import torch
 
     from ma_agiqa.images import decode_image

@@ -13,7 +13,9 @@ from generator_baseline import each_generator, mean_prediction  # noqa: E402
 
 
 def frame(held_out_mos):
-    rows = [("A", "p1", 1.0), ("A", "p2", 3.0), ("A", "p3", 2.0), ("B", "p1", 2.0), ("B", "p2", 4.0), ("B", "p3", 0.0)]
+    # five alike images per generator and prompt: the val part leave-one-generator-out draws from A and B (10 %)
+    # moves no prompt's mean far enough to change C's ranking
+    rows = 5 * [("A", "p1", 1.0), ("A", "p2", 3.0), ("A", "p3", 2.0), ("B", "p1", 2.0), ("B", "p2", 4.0), ("B", "p3", 0.0)]
     rows += [("C", p, m) for p, m in zip(["p1", "p2", "p3", "p4"], held_out_mos)]
     return pd.DataFrame(rows, columns=["generator", "prompt", "mos"])
 
