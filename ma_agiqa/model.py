@@ -270,8 +270,8 @@ def create_model(
     ``with_semantic=False`` skips loading the MLLM (for training against cached features, or a quality-only
     stage); ``overrides`` replace top-level config fields (e.g. ``semantic=...``)."""
     directory = checkpoint_dir(name_or_dir) if shipped else directory_of(name_or_dir)
-    if directory is not None and not overrides:
-        return from_pretrained(directory, device, with_semantic, with_prompt)
+    if directory is not None:
+        return from_pretrained(directory, device, with_semantic, with_prompt, **overrides)
     cfg = get_config(str(name_or_dir))
     for k, v in overrides.items():
         setattr(cfg, k, v)
@@ -279,16 +279,21 @@ def create_model(
 
 
 def from_pretrained(
-    directory: str | os.PathLike, device: str | torch.device = "cpu", with_semantic: bool = True, with_prompt: bool = True
+    directory: str | os.PathLike, device: str | torch.device = "cpu", with_semantic: bool = True, with_prompt: bool = True,
+    **overrides,
 ) -> MAAGIQA:
-    """Load a checkpoint directory; a registered name builds that config (with its shipped weights, if any)."""
+    """Load a checkpoint directory; a registered name builds that config (with its shipped weights, if any).
+    ``overrides`` replace top-level config fields before the weights load (to fine-tune it another way: a
+    dropout, trainable stages); one that changes a tensor's name or shape is refused (ValueError)."""
     local = directory_of(directory)  # a remote checkpoint (s3://...) is fetched into the node's cache
     if local is None:
         if not Path(str(directory)).exists() and str(directory) in list_models():
-            return create_model(str(directory), device, with_semantic, with_prompt)
+            return create_model(str(directory), device, with_semantic, with_prompt, **overrides)
         raise FileNotFoundError(f"{directory} is neither a checkpoint directory (no {CONFIG_FILE}) nor a registered model")
     directory = local
     cfg = load_config(directory)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
     sd = load_file(str(directory / WEIGHTS_FILE))
     backbone_in_file = any(k.startswith("quality.backbone.") for k in sd)
     # a frozen backbone comes from its source (the file holds at most the stages of it that trained), a
@@ -298,8 +303,11 @@ def from_pretrained(
     expected = model.trainable_state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected) - {k for k in sd if k.startswith("quality.backbone.")})
-    if missing or unexpected:
-        raise ValueError(f"{directory}: checkpoint does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    reshaped = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    if missing or unexpected or reshaped:
+        what = f"with {', '.join(sorted(overrides))} changed" if overrides else "its config"
+        raise ValueError(f"{directory}: checkpoint does not fit {what}: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}, another shape {reshaped[:5]}")
     model.load_state_dict(sd, strict=False)
     model.checkpoint_hash = weights_hash(model.trainable_state_dict())
     if load_config_untrained(directory):

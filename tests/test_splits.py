@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from helpers import refused
 
@@ -144,6 +145,49 @@ def test_train_reports_the_reference_splits_test_part(small_dataset, tmp_path):
                                                    "--split-file", str(out / "split.csv"), "--cache-dir", str(cache)]))
     assert again["n"] == metrics["test"]["n"] == 3
     assert again["rmse"] == pytest.approx(metrics["test"]["rmse"], rel=1e-5)
+
+
+def test_set_builds_on_the_registry_recipe_not_on_what_ships_under_the_name(monkeypatch, tmp_path):
+    """A registered name trains the registry's recipe from scratch, --set or not: a checkpoint shipped under the
+    name before the recipe changed (its config another) must not slip its config into a --set run."""
+    import argparse
+
+    from ma_agiqa import checkpoint, get_config
+    from ma_agiqa.training.runs import config_overrides
+
+    registry = get_config("tiny-random")
+    stale = registry.to_dict()
+    stale["moe"]["dropout"], stale["ensemble"] = 0.3, {"probe": True, "probe_weight": 0.6}
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / "config.json").write_text(json.dumps(stale))
+    monkeypatch.setattr(checkpoint, "shipped_checkpoint", lambda name: tmp_path / "shipped" if name == "tiny-random" else None)
+    assert checkpoint.load_config("tiny-random").moe.dropout == 0.3  # what a scoring run of the name loads
+    args = argparse.Namespace(model="tiny-random", backbone="config", set=["moe.gate=linear"], trainable_stages=None)
+    moe = config_overrides(args)["moe"]
+    assert moe.gate == "linear" and moe.dropout == registry.moe.dropout
+    args.set = ["ensemble.heads=1"]
+    assert config_overrides(args).get("ensemble", registry.ensemble) == registry.ensemble
+
+
+def test_train_fine_tunes_a_checkpoint_directory_with_set(small_dataset, tmp_path, capsys):
+    """--set on a checkpoint directory fine-tunes that checkpoint with the change (its weights, not a fresh
+    start); a change its tensors do not fit is one line, exit 2."""
+    from safetensors.torch import load_file
+
+    from jobs import train
+
+    root, _ = small_dataset
+    common = ["--data-root", str(root), "--epochs", "1", "--cache-dir", str(tmp_path / "cache")]
+    first = tmp_path / "first"
+    assert train.main(common + ["--model", "ma-agiqa-offline-quality-stats", "--output", str(first)]) == 0
+    again = tmp_path / "again"
+    assert train.main(common + ["--model", str(first), "--output", str(again), "--set", "moe.dropout=0.2", "--lr", "0"]) == 0
+    assert json.loads((again / "config.json").read_text())["moe"]["dropout"] == 0.2
+    before, after = load_file(str(first / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    learnt = [k for k in before if "running_" not in k and "num_batches" not in k]  # BatchNorm's statistics move at lr 0
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in learnt)  # lr 0: as loaded
+    refused(train.main, common + ["--model", str(first), "--output", str(tmp_path / "x"), "--set", "moe.width=64"],
+            capsys, "does not fit with moe changed.*another shape")
 
 
 def test_train_set_rejects_unknown_fields(small_dataset, tmp_path, capsys):

@@ -80,6 +80,17 @@ def apply_train_args(t, args):
     return t
 
 
+def trained_config(model: str):
+    """The config a run with ``--model`` trains: a registered name's registry entry (a run starts from scratch,
+    whatever checkpoint ships under that name, and the recipe may have changed since it shipped), a
+    checkpoint directory's own (fine-tuned)."""
+    from ma_agiqa.checkpoint import directory_of, read_config
+    from ma_agiqa.registry import get_config
+
+    directory = directory_of(model)
+    return read_config(directory) if directory is not None else get_config(model)
+
+
 def config_overrides(args) -> dict:
     """The quality and MoE configs that --backbone and --set change, as create_model overrides."""
     import dataclasses
@@ -88,9 +99,7 @@ def config_overrides(args) -> dict:
     stages = getattr(args, "trainable_stages", None)
     if args.backbone == "config" and not args.set and stages is None:
         return {}
-    from ma_agiqa.checkpoint import load_config
-
-    cfg = load_config(args.model)
+    cfg = trained_config(args.model)
     parts = {"quality": cfg.quality, "moe": cfg.moe, "ensemble": cfg.ensemble}
     if args.backbone != "config":
         parts["quality"] = dataclasses.replace(parts["quality"], freeze_backbone=args.backbone == "frozen")
@@ -173,7 +182,10 @@ def train_once(args, df, output: Path, repeat: int = 0) -> dict:
     torch.manual_seed(0)
     # A registered name trains from scratch, even where trained heads ship with it; a directory fine-tunes.
     overrides = config_overrides(args)
-    model = create_model(args.model, with_semantic=False, shipped=False, **overrides)
+    try:
+        model = create_model(args.model, with_semantic=False, shipped=False, **overrides)
+    except ValueError as e:  # a checkpoint that --set or --backbone reshapes, or a config they make invalid
+        raise TrainingRunError(str(e) if str(args.model) in str(e) else f"--model {args.model}: {e}") from None
     if model.cfg.ensemble.heads > 1 or model.cfg.ensemble.probe:
         return train_ensemble(args, df, output, repeat, model.cfg, settings, log)
     t = apply_train_args(model.cfg.train, args)
