@@ -262,7 +262,7 @@ def untrained_message(name_or_dir) -> str:
     return (
         f"--model {name_or_dir}: its heads were never trained (random weights), so its scores would mean nothing. "
         "Score with a trained checkpoint (jobs.train writes one; --model takes its directory or s3:// URI) or a "
-        "model that ships trained heads (ma-agiqa-offline), or pass --allow-untrained for a smoke run"
+        "model that ships trained heads (ma-agiqa-offline-quality, the default; ma-agiqa-offline), or pass --allow-untrained for a smoke run"
     )
 
 
