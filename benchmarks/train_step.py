@@ -31,6 +31,7 @@ def main() -> None:
 
     from ma_agiqa import create_model
     from ma_agiqa.checkpoint import load_config
+    from ma_agiqa.config import EnsembleConfig
     from ma_agiqa.training import Inputs, forward_precision, forward_rows, training_loss
 
     cfg = load_config(args.model)
@@ -38,7 +39,8 @@ def main() -> None:
     if args.smoke:
         quality = dataclasses.replace(quality, backbone="tf_efficientnet_lite0",
                                       views=dataclasses.replace(quality.views, size=64))
-    model = create_model(args.model, with_semantic=False, shipped=False, quality=quality)
+    # one head: an ensemble's heads share one frozen backbone, and this measures a trainable one
+    model = create_model(args.model, with_semantic=False, shipped=False, quality=quality, ensemble=EnsembleConfig())
     model.cfg.mos_std = 1.0
     size = quality.views.size
     rng = np.random.default_rng(0)

@@ -82,8 +82,10 @@ def parse_args(argv=None):
                    help="random splits: hold out this fraction as a test part, reported after training (0: no test "
                         "part; val both chooses the epoch and reports)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="change a field of a registered config's quality branch or MoE before training, e.g. "
-                        "quality.stage_conv=true, quality.views.antialias=false, moe.gate=linear (values as JSON)")
+                   help="change a field of the config's quality branch, MoE or ensemble before training (a registered "
+                        "config's recipe, or a checkpoint directory's, fine-tuned where its weights still fit), e.g. "
+                        "quality.stage_conv=true, quality.views.antialias=false, moe.gate=linear, ensemble.heads=3 "
+                        "(values as JSON)")
     p.add_argument("--split-file", default=None, help="CSV with image_id,split columns")
     p.add_argument("--probe-alpha", type=float, default=None,
                    help="a config with ensemble.probe: the probe's ridge strength (default: chosen on the val rows; "
@@ -111,7 +113,7 @@ def parse_args(argv=None):
     p.add_argument("--normalize-mos", action=argparse.BooleanOptionalAction, default=None,
                    help="train on (mos - mean) / std of the training split (--no-normalize-mos: raw MOS)")
     p.add_argument("--backbone", choices=["config", "frozen", "trainable"], default="config",
-                   help="freeze the quality backbone or train it (registered configs; default: as the config says)")
+                   help="freeze the quality backbone or train it (default: as the config says)")
     p.add_argument("--backbone-lr", type=_weight, default=None, help="learning rate of a trainable backbone (default: --lr)")
     p.add_argument("--trainable-stages", type=int, default=None, metavar="N",
                    help="train the backbone's last N stages (a CNN's blocks) and keep the rest frozen, its outputs "

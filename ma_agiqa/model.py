@@ -265,7 +265,8 @@ def create_model(
     **overrides,
 ) -> MAAGIQA:
     """A registered config by name (with its shipped checkpoint if it has one and ``shipped``; else freshly
-    initialised) or a checkpoint directory.
+    initialised) or a checkpoint directory. ``overrides`` apply to whichever config that is: on a checkpoint
+    (a directory, or a shipped one) they change it before its weights load (``from_pretrained``).
 
     ``with_semantic=False`` skips loading the MLLM (for training against cached features, or a quality-only
     stage); ``overrides`` replace top-level config fields (e.g. ``semantic=...``)."""
@@ -301,7 +302,8 @@ def from_pretrained(
     load_backbone = backbone_from_source(cfg) or not backbone_in_file
     model = _build(cfg, str(directory), device, with_semantic, with_prompt, load_backbone=load_backbone)
     expected = model.trainable_state_dict()
-    missing = sorted(set(expected) - set(sd))
+    # trainable backbone stages an override asks for come from the source where the file lacks them
+    missing = sorted(k for k in set(expected) - set(sd) if not (load_backbone and k.startswith("quality.backbone.")))
     unexpected = sorted(set(sd) - set(expected) - {k for k in sd if k.startswith("quality.backbone.")})
     reshaped = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
     if missing or unexpected or reshaped:

@@ -1,4 +1,5 @@
 """Train / val / test splits: val chooses the epoch, test reports; the reference's 70/10/20 procedure by name."""
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -188,6 +189,19 @@ def test_train_fine_tunes_a_checkpoint_directory_with_set(small_dataset, tmp_pat
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in learnt)  # lr 0: as loaded
     refused(train.main, common + ["--model", str(first), "--output", str(tmp_path / "x"), "--set", "moe.width=64"],
             capsys, "does not fit with moe changed.*another shape")
+    # stages made trainable: the file has none of the backbone, so they come from its source, the heads from the file
+    from ma_agiqa import create_model
+    from ma_agiqa.checkpoint import load_config, shipped_checkpoint
+
+    q = load_config(str(first)).quality
+    staged = create_model(str(first), with_semantic=False, quality=dataclasses.replace(q, trainable_stages=1))
+    assert staged.cfg.quality.trainable_stages == 1
+    assert all(torch.equal(v, before[k]) for k, v in staged.trainable_state_dict().items() if k in learnt)
+    # an ensemble checkpoint is not one model to fine-tune: one line, before any data is read
+    ensemble = shipped_checkpoint("ma-agiqa-offline-quality")
+    refused(train.main, common + ["--model", str(ensemble), "--output", str(tmp_path / "y")], capsys,
+            "is an ensemble checkpoint .*head-K runs")
+    assert not (tmp_path / "y").exists()
 
 
 def test_train_set_rejects_unknown_fields(small_dataset, tmp_path, capsys):

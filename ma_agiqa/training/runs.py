@@ -91,6 +91,13 @@ def trained_config(model: str):
     return read_config(directory) if directory is not None else get_config(model)
 
 
+def is_registered(model: str) -> bool:
+    from ma_agiqa.checkpoint import directory_of
+    from ma_agiqa.registry import list_models
+
+    return directory_of(model) is None and str(model) in list_models()
+
+
 def config_overrides(args) -> dict:
     """The quality and MoE configs that --backbone and --set change, as create_model overrides."""
     import dataclasses
@@ -331,14 +338,16 @@ def run_training(args) -> dict:
         from ..model import create_model
         from .loop import check_data_parallel
 
-        model = create_model(args.model, with_semantic=False, shipped=False, **config_overrides(args))
         try:  # before the data is read: its features take minutes
+            model = create_model(args.model, with_semantic=False, shipped=False, **config_overrides(args))
             check_data_parallel(model, apply_train_args(model.cfg.train, args), args.workers)
         except ValueError as e:
-            raise TrainingRunError(str(e)) from None
-    from ..checkpoint import load_config
-
-    overrides, base = config_overrides(args), load_config(args.model)
+            raise TrainingRunError(str(e) if str(args.model) in str(e) else f"--model {args.model}: {e}") from None
+    overrides, base = config_overrides(args), trained_config(args.model)
+    if (base.ensemble.heads > 1 or base.ensemble.probe) and not is_registered(args.model):
+        raise TrainingRunError(f"--model {args.model} is an ensemble checkpoint ({base.ensemble.heads} head(s)"
+                               f"{', a probe' if base.ensemble.probe else ''}): it is not fine-tuned as a whole; "
+                               "give one of its head-K runs, or the registered name to train the recipe anew")
     quality = overrides.get("quality", base.quality)
     check_ensemble(args, overrides.get("ensemble", base.ensemble), quality.freeze_backbone and not quality.trainable_stages,
                    split_scheme(args))
