@@ -1,7 +1,7 @@
 """What a curator gets from a model's scores: keep the top 10 %, 30 %, 50 % of a labelled part by score, and
 compare what was kept with the best possible pick (the top by MOS, "oracle") and a random one.
 
-    python benchmarks/curation_value.py [--model ma-agiqa-offline | --predictions FILE]
+    python benchmarks/curation_value.py [--model ma-agiqa-offline-quality | --predictions FILE]
         [--data-root ../shared/datasets/agiqa3k] [--part reference-test|label-val|all] [--split-file CSV]
         [--trained-on none|label|CSV]
 
@@ -20,7 +20,7 @@ its test rows instead. ``--trained-on`` drops from the part the images the model
 the label file's train rows (what the shipped checkpoints were trained on), or a run's split.csv (its train
 rows). Prints JSON.
 
---smoke: the shipped ma-agiqa-offline-quality on samples/agiqa3k's 40 labelled images (seconds).
+--smoke: the shipped default model (ma-agiqa-offline-quality) on samples/agiqa3k's 40 labelled images (seconds).
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ma_agiqa.datasets import load_dataset, reference_split  # noqa: E402
+from ma_agiqa.registry import DEFAULT_MODEL  # noqa: E402
 from ma_agiqa.metrics import iqa_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +127,8 @@ def score_part(model: str, part: pd.DataFrame, data_root: str, labels: str | Non
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="ma-agiqa-offline", help="a registered model or checkpoint directory to score with")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="a registered model or checkpoint directory to score with "
+                                                     f"(default {DEFAULT_MODEL}, the shipped default)")
     p.add_argument("--predictions", default=None, help="scores instead of --model: jobs.evaluate --output JSON, or CSV "
                                                         "with image_id,score")
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets" / "agiqa3k"))
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="the shipped quality model on the 40 sample images")
     args = p.parse_args(argv)
     if args.smoke:
-        args.model, args.data_root, args.part, args.trained_on = "ma-agiqa-offline-quality", str(REPO / "samples" / "agiqa3k"), "all", "none"
+        args.model, args.data_root, args.part, args.trained_on = DEFAULT_MODEL, str(REPO / "samples" / "agiqa3k"), "all", "none"
     df = load_dataset("agiqa3k", args.data_root, args.labels)
     part = choose_part(df, args.part, args.split_file)
     trained = trained_ids(df, args.trained_on)
