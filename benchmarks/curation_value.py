@@ -36,8 +36,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ma_agiqa.datasets import load_dataset, reference_split  # noqa: E402
-from ma_agiqa.registry import DEFAULT_MODEL  # noqa: E402
 from ma_agiqa.metrics import iqa_metrics  # noqa: E402
+from ma_agiqa.registry import DEFAULT_MODEL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FRACTIONS = (0.1, 0.3, 0.5)
